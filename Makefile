@@ -1,0 +1,45 @@
+# Front door. Every target installs what it needs first and nothing that is already there.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TWIN := reference/quantlab
+NODE_TEST_FLAGS ?= --test-concurrency=2
+PYTEST_FLAGS ?= -n auto
+
+.PHONY: bootstrap test test-twin test-harness chaos clean help
+
+help:
+	@echo "make chaos      run the chaos suite against the twin (reports in reports/)"
+	@echo "make test       run every test suite (the twin's node tests and pytest)"
+	@echo "make bootstrap  install what is missing: .venv, the twin's npm packages, toxiproxy"
+
+bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "bootstrap: $(PYTHON) not found; install Python 3.11+ and run make again" >&2; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { echo "bootstrap: Python 3.11+ is required ($(PYTHON) is older); set PYTHON=/path/to/python3.11" >&2; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+$(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
+	@command -v npm >/dev/null || { echo "bootstrap: npm not found; install Node.js 20 with npm and run make again" >&2; exit 2; }
+	cd $(TWIN) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+.tools/bin/.ready: tools/install-toxiproxy.sh
+	./tools/install-toxiproxy.sh
+	@touch $@
+
+test: bootstrap test-twin test-harness
+
+test-twin: bootstrap
+	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_FLAGS) test/
+
+test-harness: bootstrap
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+clean:
+	rm -rf $(VENV) .tools $(TWIN)/node_modules reports/allure-results reports/*.json reports/*.xml reports/*.md

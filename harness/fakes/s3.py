@@ -1,0 +1,259 @@
+"""S3 for the target: moto's threaded server (default), MinIO in a container, or any endpoint by URL.
+
+Each backend is a context manager that starts, waits until ready, exposes `endpoint_url` and credentials,
+and always cleans up. `Bucket` gives a test its own bucket with helpers to list, head and read objects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import httpx
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from harness.errors import ConfigError, UnreachableError
+from harness.fakes.docker import docker_status
+from harness.ports import wait_until
+
+BACKENDS = ("moto", "minio", "url")
+MINIO_IMAGE = "minio/minio:RELEASE.2025-04-22T22-12-26Z"
+_CLIENT_CONFIG = Config(
+    connect_timeout=5,
+    read_timeout=15,
+    retries={"max_attempts": 2, "mode": "standard"},
+    s3={"addressing_style": "path"},
+)
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+
+    @classmethod
+    def random(cls) -> S3Credentials:
+        """Fresh keys per environment, so a leak scan can look for exactly these values."""
+        return cls(access_key="AKQL" + secrets.token_hex(8).upper(), secret_key=secrets.token_urlsafe(30))
+
+
+class S3Server(AbstractContextManager):
+    """An S3 endpoint with credentials; subclasses start and stop the server behind it."""
+
+    name = "s3"
+
+    def __init__(self, credentials: S3Credentials) -> None:
+        self.credentials = credentials
+        self.endpoint_url = ""
+
+    def client(self) -> Any:
+        """A boto3 S3 client with explicit timeouts and path-style addressing."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.credentials.access_key,
+            aws_secret_access_key=self.credentials.secret_key,
+            region_name=self.credentials.region,
+            config=_CLIENT_CONFIG,
+        )
+
+    def bucket(self, name: str | None = None) -> Bucket:
+        """A new bucket on this server (a unique name unless given), created now."""
+        bucket = Bucket(self, name or f"ql-{uuid.uuid4().hex[:20]}")
+        bucket.create()
+        return bucket
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+
+class MotoS3(S3Server):
+    """moto's threaded S3 server on 127.0.0.1 and a port from the OS, in this process."""
+
+    name = "moto"
+
+    def __init__(self, credentials: S3Credentials | None = None) -> None:
+        super().__init__(credentials or S3Credentials.random())
+        self._server: Any = None
+
+    def __enter__(self) -> MotoS3:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{port}"
+        wait_until(self._answers, timeout=10, what=f"moto S3 server at {self.endpoint_url}")
+        return self
+
+    def _answers(self) -> bool:
+        return httpx.get(self.endpoint_url + "/", timeout=2).status_code < 500
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+class MinioS3(S3Server):
+    """MinIO in a container through testcontainers; needs a Docker engine."""
+
+    name = "minio"
+
+    def __init__(self, image: str = MINIO_IMAGE) -> None:
+        super().__init__(S3Credentials.random())
+        self.image = image
+        self._container: Any = None
+
+    def __enter__(self) -> MinioS3:
+        available, reason = docker_status()
+        if not available:
+            raise UnreachableError(f"The MinIO backend needs Docker, but {reason}. Use --s3-backend moto here.")
+        from testcontainers.core.container import DockerContainer
+
+        container = (
+            DockerContainer(self.image)
+            .with_command("server /data")
+            .with_exposed_ports(9000)
+            .with_env("MINIO_ROOT_USER", self.credentials.access_key)
+            .with_env("MINIO_ROOT_PASSWORD", self.credentials.secret_key)
+        )
+        self._container = container.start()
+        host = container.get_container_host_ip()
+        self.endpoint_url = f"http://{host}:{container.get_exposed_port(9000)}"
+        wait_until(self._live, timeout=60, what=f"MinIO at {self.endpoint_url}")
+        return self
+
+    def _live(self) -> bool:
+        return httpx.get(self.endpoint_url + "/minio/health/live", timeout=2).status_code == 200
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.stop()
+            self._container = None
+
+
+class ExternalS3(S3Server):
+    """Any S3 endpoint by URL; keys from QUANTLAB_CHAOS_S3_ACCESS_KEY / QUANTLAB_CHAOS_S3_SECRET_KEY."""
+
+    name = "url"
+
+    def __init__(self, endpoint_url: str, credentials: S3Credentials | None = None) -> None:
+        if credentials is None:
+            access = os.environ.get("QUANTLAB_CHAOS_S3_ACCESS_KEY", "")
+            secret = os.environ.get("QUANTLAB_CHAOS_S3_SECRET_KEY", "")
+            if not access or not secret:
+                raise ConfigError(
+                    "The 'url' S3 backend needs credentials: set QUANTLAB_CHAOS_S3_ACCESS_KEY and "
+                    "QUANTLAB_CHAOS_S3_SECRET_KEY (and QUANTLAB_CHAOS_S3_REGION if not us-east-1)."
+                )
+            credentials = S3Credentials(access, secret, os.environ.get("QUANTLAB_CHAOS_S3_REGION", "us-east-1"))
+        super().__init__(credentials)
+        self.endpoint_url = endpoint_url.rstrip("/")
+
+    def __enter__(self) -> ExternalS3:
+        try:
+            httpx.get(self.endpoint_url + "/", timeout=5)
+        except httpx.HTTPError as exc:
+            raise UnreachableError(
+                f"The S3 endpoint {self.endpoint_url} does not answer ({exc}). Check the URL given with "
+                "--s3-url and that the server is up, or use --s3-backend moto."
+            ) from exc
+        return self
+
+
+def open_s3(backend: str = "moto", url: str | None = None) -> S3Server:
+    """The S3 server for a backend name (`moto`, `minio` or `url`); use it as a context manager."""
+    if backend == "moto":
+        return MotoS3()
+    if backend == "minio":
+        return MinioS3()
+    if backend == "url":
+        if not url:
+            raise ConfigError("--s3-backend url needs --s3-url http://host:port (or QUANTLAB_CHAOS_S3_URL).")
+        return ExternalS3(url)
+    raise ConfigError(f"Unknown S3 backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+
+
+class Bucket:
+    """One bucket on an S3 server, with the reads a scenario asserts on."""
+
+    def __init__(self, server: S3Server, name: str) -> None:
+        self.server = server
+        self.name = name
+        self._client = server.client()
+
+    def create(self) -> None:
+        self._client.create_bucket(Bucket=self.name)
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata, or None when it does not exist."""
+        try:
+            return self._client.head_object(Bucket=self.name, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def read_lines(self, key: str) -> list[Any]:
+        return [json.loads(line) for line in self.read_bytes(key).decode().splitlines() if line.strip()]
+
+    def put(self, key: str, body: bytes | str) -> None:
+        self._client.put_object(Bucket=self.name, Key=key, Body=body.encode() if isinstance(body, str) else body)
+
+    def snapshot(self, prefix: str = "") -> dict[str, str]:
+        """Key -> ETag for every object under prefix: compare two snapshots to prove nothing was lost."""
+        result: dict[str, str] = {}
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+            result.update({item["Key"]: item["ETag"] for item in page.get("Contents", [])})
+        return result
+
+    def delete(self) -> None:
+        """Removes every object, then the bucket; missing is fine."""
+        try:
+            keys = self.list_keys()
+            for start in range(0, len(keys), 1000):
+                chunk = [{"Key": key} for key in keys[start : start + 1000]]
+                self._client.delete_objects(Bucket=self.name, Delete={"Objects": chunk})
+            self._client.delete_bucket(Bucket=self.name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
+                raise
+
+
+@contextmanager
+def temporary_bucket(server: S3Server) -> Iterator[Bucket]:
+    """A bucket that exists for the `with` block and is deleted afterwards."""
+    bucket = server.bucket()
+    try:
+        yield bucket
+    finally:
+        bucket.delete()

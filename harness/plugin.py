@@ -1,0 +1,113 @@
+"""pytest plugin of the QuantLab chaos harness: options, the `runbook` marker and the environment fixtures.
+
+Per test process (each xdist worker is one): one S3 server and one toxiproxy server. Per test: a bucket,
+proxies, a fake exchange and a `QuantLabEnvironment` with its own token, spool, state and env files.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.environment import QuantLabEnvironment, Settings
+from harness.errors import HarnessError
+from harness.fakes.binance import FakeBinance
+from harness.fakes.docker import docker_status
+from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
+from harness.fakes.toxiproxy import ToxiproxyServer
+from harness.runbook import Runbook, load_runbook
+from harness.target import Target
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantlab-chaos", "QuantLab chaos harness")
+    group.addoption("--quantlab-root", help="QuantLab checkout to test (default: QUANTLAB_ROOT, then the twin)")
+    group.addoption("--runbook", help="runbook markdown (default: <quantlab-root>/docs/runbook.md)")
+    group.addoption("--s3-backend", default="moto", choices=BACKENDS, help="S3 server for the target (default: moto)")
+    group.addoption("--s3-url", help="S3 endpoint for --s3-backend url")
+    group.addoption("--toxiproxy-bin", help="toxiproxy-server binary (default: .tools/bin, then PATH)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "runbook(item): the runbook item this scenario proves (e.g. 'failure:live-ws-disabled')")
+    config.addinivalue_line(
+        "markers", "quantlab_settings(archive=True, live_ws=True, audit=True, extra=None): settings the quantlab fixture starts with"
+    )
+
+
+@pytest.fixture(scope="session")
+def quantlab_target(pytestconfig: pytest.Config) -> Target:
+    try:
+        return Target.load(pytestconfig.getoption("quantlab_root"), pytestconfig.getoption("runbook"))
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+
+
+@pytest.fixture(scope="session")
+def runbook_model(quantlab_target: Target) -> Runbook:
+    try:
+        return load_runbook(quantlab_target.runbook)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+
+
+@pytest.fixture(scope="session")
+def s3_server(pytestconfig: pytest.Config) -> Iterator[S3Server]:
+    backend = pytestconfig.getoption("s3_backend")
+    if backend == "minio" and not docker_status()[0]:
+        pytest.skip(f"--s3-backend minio needs Docker: {docker_status()[1]}")
+    try:
+        with open_s3(backend, pytestconfig.getoption("s3_url")) as server:
+            yield server
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+
+
+@pytest.fixture(scope="session")
+def toxiproxy_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToxiproxyServer]:
+    log = tmp_path_factory.mktemp("toxiproxy") / "toxiproxy.log"
+    try:
+        with ToxiproxyServer(pytestconfig.getoption("toxiproxy_bin"), log_path=log) as server:
+            yield server
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+
+
+@pytest.fixture()
+def s3(s3_server: S3Server) -> Iterator[Bucket]:
+    """A bucket of this test's own, deleted afterwards."""
+    bucket = s3_server.bucket()
+    yield bucket
+    bucket.delete()
+
+
+@pytest.fixture()
+def toxiproxy(toxiproxy_server: ToxiproxyServer) -> Iterator[ToxiproxyServer]:
+    """The process's toxiproxy server; every toxic is removed and every proxy enabled after the test."""
+    yield toxiproxy_server
+    toxiproxy_server.reset()
+
+
+@pytest.fixture()
+def fake_binance(request: pytest.FixtureRequest) -> Iterator[FakeBinance]:
+    """A fake Binance USDⓈ-M futures stream server for this test (seeded by the test's name)."""
+    with FakeBinance(rate=40, seed=request.node.nodeid) as server:
+        yield server
+
+
+@pytest.fixture()
+def quantlab_settings(request: pytest.FixtureRequest) -> Settings:
+    marker = request.node.get_closest_marker("quantlab_settings")
+    return Settings(**marker.kwargs) if marker else Settings()
+
+
+@pytest.fixture()
+def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyServer, fake_binance: FakeBinance,
+             quantlab_settings: Settings, tmp_path: Path) -> Iterator[QuantLabEnvironment]:
+    """The target's services, wired through toxiproxy to S3 and the fake exchange; started on demand."""
+    name = f"ql_{uuid.uuid4().hex[:12]}"
+    with QuantLabEnvironment(quantlab_target, tmp_path / "quantlab", s3=s3_server, toxiproxy=toxiproxy,
+                             exchange=fake_binance, settings=quantlab_settings, name=name) as env:
+        yield env

@@ -1,0 +1,85 @@
+// Shared library: env parsing, dotenv loading, redaction and canonical JSON.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PassThrough } from 'node:stream';
+import { test } from 'node:test';
+import { SECRET_ENV_NAMES, envBool, envInt, envStr, loadDotEnv } from '../core/lib/env.js';
+import { logEvent, redact } from '../core/lib/log.js';
+import { archiveSettings, canonicalJson } from '../core/lib/s3.js';
+
+test('envBool: 1, true and yes (any case, trimmed) are on; anything else is off', () => {
+  for (const value of ['1', 'true', 'TRUE', ' yes ', 'Yes']) assert.equal(envBool('X', false, { X: value }), true, value);
+  for (const value of ['0', 'false', 'no', 'on', 'enabled', '2']) assert.equal(envBool('X', true, { X: value }), false, value);
+  assert.equal(envBool('X', true, {}), true);
+  assert.equal(envBool('X', true, { X: '' }), true);
+  assert.equal(envBool('X', false, { X: '  ' }), false);
+});
+
+test('envInt and envStr fall back to the default', () => {
+  assert.equal(envInt('N', 7, { N: '42' }), 42);
+  assert.equal(envInt('N', 7, { N: ' -3 ' }), -3);
+  for (const bad of ['', 'abc', '1.5', '12x']) assert.equal(envInt('N', 7, { N: bad }), 7, bad);
+  assert.equal(envInt('N', 7, {}), 7);
+  assert.equal(envStr('S', 'd', {}), 'd');
+  assert.equal(envStr('S', 'd', { S: 'v' }), 'v');
+});
+
+test('loadDotEnv reads KEY=VALUE lines and never overrides a set variable', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'core-lib-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, '.env');
+  fs.writeFileSync(file, [
+    '# a comment',
+    'PLAIN=one',
+    'QUOTED="two words"',
+    "SINGLE='three'",
+    'export EXPORTED=four',
+    'ALREADY=from-file',
+    'TRAILING=five # comment',
+    'not a pair',
+    '',
+  ].join('\n'));
+  const env = { ALREADY: 'from-process' };
+  const loaded = loadDotEnv(file, env);
+  assert.deepEqual(env, {
+    ALREADY: 'from-process', PLAIN: 'one', QUOTED: 'two words', SINGLE: 'three', EXPORTED: 'four', TRAILING: 'five',
+  });
+  assert.ok(!loaded.includes('ALREADY'));
+  assert.deepEqual(loadDotEnv(path.join(dir, 'missing.env'), env), []);
+});
+
+test('redact masks every secret value, and logEvent writes one redacted JSON line', async () => {
+  assert.deepEqual(SECRET_ENV_NAMES, ['OBSERVER_TOKEN', 'RUN_ARCHIVE_S3_ACCESS_KEY', 'RUN_ARCHIVE_S3_SECRET_KEY']);
+  const env = { OBSERVER_TOKEN: 'tok-123', RUN_ARCHIVE_S3_ACCESS_KEY: 'AKIA999', RUN_ARCHIVE_S3_SECRET_KEY: '' };
+  assert.equal(redact('a tok-123 b AKIA999 c tok-123', env), 'a *** b *** c ***');
+  assert.equal(redact('nothing secret', env), 'nothing secret');
+
+  const previous = process.env.OBSERVER_TOKEN;
+  process.env.OBSERVER_TOKEN = 'live-token-value';
+  try {
+    const stream = new PassThrough();
+    let out = '';
+    stream.on('data', (chunk) => { out += chunk; });
+    logEvent({ event: 'x', error: 'bad token live-token-value', n: 10n }, stream);
+    assert.equal(out, '{"event":"x","error":"bad token ***","n":"10"}\n');
+  } finally {
+    if (previous === undefined) delete process.env.OBSERVER_TOKEN; else process.env.OBSERVER_TOKEN = previous;
+  }
+});
+
+test('canonicalJson sorts keys at every depth and keeps array order', () => {
+  const text = canonicalJson({ b: 1, a: { d: [3, { z: 1, y: 2 }], c: null }, skipped: undefined });
+  assert.equal(text, '{"a":{"c":null,"d":[3,{"y":2,"z":1}]},"b":1}');
+  assert.equal(canonicalJson([{ b: 1, a: 2 }]), '[{"a":2,"b":1}]');
+});
+
+test('archiveSettings reads the RUN_ARCHIVE_* variables', () => {
+  assert.deepEqual(archiveSettings({}), { enabled: false, bucket: '', endpoint: '', accessKeyId: '', secretAccessKey: '' });
+  const s = archiveSettings({
+    RUN_ARCHIVE_ENABLED: 'yes', RUN_ARCHIVE_S3_BUCKET: 'b', RUN_ARCHIVE_S3_ENDPOINT: 'http://h',
+    RUN_ARCHIVE_S3_ACCESS_KEY: 'a', RUN_ARCHIVE_S3_SECRET_KEY: 's',
+  });
+  assert.deepEqual(s, { enabled: true, bucket: 'b', endpoint: 'http://h', accessKeyId: 'a', secretAccessKey: 's' });
+});
