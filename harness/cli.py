@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from harness.errors import EXIT_USAGE, HarnessError
+from harness.errors import HarnessError
 
 Command = Callable[[argparse.Namespace], int]
 

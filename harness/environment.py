@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -20,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from harness.errors import ConfigError, HarnessError
+from canary.process import CommandNotFound, CommandResult, run_process
+from harness.errors import ConfigError, HarnessError, MissingToolError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.node import BINANCE_FUTURES_WS, node_options_with_preload, url_map_env
 from harness.fakes.s3 import Bucket, S3Server, open_s3
@@ -33,32 +33,6 @@ from harness.units import ServiceSpec, load_service, write_env_file
 STRATEGIES = Path(__file__).with_name("strategies")
 SECRET_ENV = ("OBSERVER_TOKEN", "RUN_ARCHIVE_S3_ACCESS_KEY", "RUN_ARCHIVE_S3_SECRET_KEY")
 COMMAND_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """A finished (or timed-out) command: exit code, output, wall time."""
-
-    argv: tuple[str, ...]
-    code: int | None
-    stdout: str
-    stderr: str
-    duration_s: float
-    timed_out: bool = False
-
-    def json_lines(self, stream: str = "stdout") -> list[dict[str, Any]]:
-        """Every line of the stream that is a JSON object (other lines, like runtime warnings, are skipped)."""
-        found = []
-        for line in (self.stdout if stream == "stdout" else self.stderr).splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(value, dict):
-                    found.append(value)
-        return found
 
 
 @dataclass
@@ -287,7 +261,10 @@ class QuantLabEnvironment(AbstractContextManager):
         full_env.update(env or {})
         for name in unset:
             full_env.pop(name, None)
-        return run_process(argv, cwd=self.target.root, env=full_env, timeout=timeout)
+        try:
+            return run_process(argv, cwd=self.target.root, env=full_env, timeout=timeout)
+        except CommandNotFound as exc:
+            raise MissingToolError(str(exc)) from exc
 
     def strategy(self, name: str = "steady") -> Path:
         """Path of one of the harness's strategy files (steady, chatty, silent, losing)."""
@@ -313,36 +290,6 @@ class QuantLabEnvironment(AbstractContextManager):
                 for role, w in self.services.items()
             },
         }
-
-
-def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float) -> CommandResult:
-    """Runs a command in its own process group; on timeout the whole group is killed and the result says so."""
-    started = time.monotonic()
-    try:
-        process = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"Cannot run {argv[0]!r}: not found on PATH. Install it (Node.js 20 for node) and retry.") from exc
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        stdout, stderr = process.communicate()
-        timed_out = True
-    except BaseException:
-        _kill_group(process)
-        process.communicate()
-        raise
-    return CommandResult(tuple(argv), None if timed_out else process.returncode, stdout, stderr,
-                         time.monotonic() - started, timed_out)
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _host_port(url: str) -> str:

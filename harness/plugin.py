@@ -5,6 +5,7 @@ proxies, a fake exchange and a `QuantLabEnvironment` with its own token, spool, 
 """
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from harness.fakes.binance import FakeBinance
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
 from harness.fakes.toxiproxy import ToxiproxyServer
+from harness.journal import Journal
 from harness.runbook import Runbook, load_runbook
 from harness.target import Target
 
@@ -111,3 +113,22 @@ def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyS
     with QuantLabEnvironment(quantlab_target, tmp_path / "quantlab", s3=s3_server, toxiproxy=toxiproxy,
                              exchange=fake_binance, settings=quantlab_settings, name=name) as env:
         yield env
+
+
+@pytest.fixture()
+def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[Journal]:
+    """The journal of the runbook item named by the test's `runbook` marker; saved into the test report."""
+    marker = request.node.get_closest_marker("runbook")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(f"{request.node.nodeid} uses the journal fixture but has no @pytest.mark.runbook('<item>')")
+    item_id = marker.args[0]
+    try:
+        item = runbook_model.item(item_id)
+    except KeyError:
+        pytest.skip(f"the runbook {runbook_model.path} has no item '{item_id}' (drift: see 'quantlab-chaos runbook check')")
+    entry = Journal(item)
+    try:
+        yield entry
+    finally:
+        # user_properties travel from xdist workers to the controller and into the JUnit XML.
+        request.node.user_properties.append(("runbook_journal", json.dumps(entry.to_dict(), default=str)))

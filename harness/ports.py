@@ -46,3 +46,12 @@ def wait_until(
             detail = f" (last error: {last_error})" if last_error else ""
             raise TimeoutError(f"{what} not met within {timeout:.1f} s{detail}")
         time.sleep(interval)
+
+
+def eventually(condition: Callable[[], object], *, timeout: float, interval: float = 0.05) -> bool:
+    """True as soon as `condition` is truthy, False if it is not within `timeout` seconds."""
+    try:
+        wait_until(condition, timeout=timeout, interval=interval)
+        return True
+    except TimeoutError:
+        return False

@@ -1,5 +1,6 @@
-// A calm strategy for canaries: on every Nth event it alternates a small BUY and SELL on the event's symbol,
-// never faster than one decision per minIntervalMs, so budgets and guards stay quiet on a healthy feed.
+// A calm strategy for canaries. It decides once on the first event of each symbol (so the archived decisions
+// prove every requested symbol fed the run), then on every Nth event, alternating a small BUY and SELL, never
+// faster than one decision per min_interval_ms, so budgets and guards stay quiet on a healthy feed.
 export default class SteadyStrategy {
   constructor(config = {}) {
     this.every = Number(config.every ?? 2);
@@ -12,8 +13,9 @@ export default class SteadyStrategy {
 
   onEvent(event) {
     this.seen += 1;
+    const first = !this.long.has(event.symbol);
     const now = Date.now();
-    if (this.seen % this.every !== 0 || now - this.lastAt < this.minIntervalMs) return null;
+    if (!first && (this.seen % this.every !== 0 || now - this.lastAt < this.minIntervalMs)) return null;
     this.lastAt = now;
     const holding = this.long.get(event.symbol) ?? false;
     this.long.set(event.symbol, !holding);

@@ -1,0 +1,72 @@
+"""Running the target's commands (config check, self-test, canary) with deadlines, in their own process group."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class CommandNotFound(Exception):
+    """The command's program is not installed (e.g. node)."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished (or timed-out) command: exit code, output, wall time."""
+
+    argv: tuple[str, ...]
+    code: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+
+    def json_lines(self, stream: str = "stdout") -> list[dict[str, Any]]:
+        """Every line of the stream that is a JSON object (other lines, like runtime warnings, are skipped)."""
+        found = []
+        for line in (self.stdout if stream == "stdout" else self.stderr).splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(value, dict):
+                    found.append(value)
+        return found
+
+
+def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float) -> CommandResult:
+    """Runs a command in its own process group; on timeout the whole group is killed and the result says so."""
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+    except FileNotFoundError as exc:
+        raise CommandNotFound(f"Cannot run {argv[0]!r}: not found on PATH. Install it (Node.js 20 for node) and retry.") from exc
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        stdout, stderr = process.communicate()
+        timed_out = True
+    except BaseException:
+        _kill_group(process)
+        process.communicate()
+        raise
+    return CommandResult(tuple(argv), None if timed_out else process.returncode, stdout, stderr,
+                         time.monotonic() - started, timed_out)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

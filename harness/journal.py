@@ -1,0 +1,179 @@
+"""The journal of one runbook scenario: steady state, inject, symptom, fix, recovery, nothing lost.
+
+A scenario talks to its journal in the runbook's terms, and the journal measures time to detect and time to
+recover, keeps evidence, and fails with a message that quotes the runbook line the system disagreed with.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.runbook import RunbookItem, Source
+
+
+class RunbookViolation(AssertionError):
+    """The system did not do what a runbook line says. The message names the line and what happened instead."""
+
+
+def violation(source: Source | None, expected: str, actual: str) -> RunbookViolation:
+    where = f"{source}" if source else "the runbook"
+    return RunbookViolation(f"{where}\n  the runbook says: {expected}\n  the system did instead: {actual}")
+
+
+@dataclass
+class Step:
+    kind: str
+    description: str
+    started_s: float
+    duration_s: float = 0.0
+    ok: bool | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finding:
+    """Something worth a human's attention that does not fail the item (e.g. a check that hangs)."""
+
+    title: str
+    detail: str
+    severity: str = "warning"
+
+
+@dataclass
+class Snapshot:
+    """What a target has written so far: audit spool files and bucket objects, each with a digest."""
+
+    spool: dict[str, str]
+    bucket: dict[str, str]
+
+
+class Journal:
+    """Records one scenario for one runbook item."""
+
+    def __init__(self, item: RunbookItem) -> None:
+        self.item = item
+        self.steps: list[Step] = []
+        self.findings: list[Finding] = []
+        self.measurements: dict[str, Any] = {}
+        self.symptom_observed: bool | None = None
+        self.fix_verified: bool | None = None
+        self._t0 = time.monotonic()
+        self._injected_at: float | None = None
+        self._detected_at: float | None = None
+        self._fixed_at: float | None = None
+        self._recovered_at: float | None = None
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def step(self, kind: str, description: str) -> Iterator[Step]:
+        step = Step(kind, description, time.monotonic() - self._t0)
+        self.steps.append(step)
+        started = time.monotonic()
+        try:
+            yield step
+            step.ok = True if step.ok is None else step.ok
+        except BaseException:
+            step.ok = False
+            raise
+        finally:
+            step.duration_s = time.monotonic() - started
+
+    def steady_state(self, description: str) -> Any:
+        return self.step("steady_state", description)
+
+    def inject(self, description: str) -> Any:
+        self._injected_at = time.monotonic()
+        return self.step("inject", description)
+
+    def fix(self, description: str) -> Any:
+        self._fixed_at = time.monotonic()
+        return self.step("fix", description)
+
+    # -- outcomes ------------------------------------------------------------------------------------
+
+    def symptom(self, observed: bool, *, expected: str, actual: str, source: Source | None = None,
+                evidence: Mapping[str, Any] | None = None) -> None:
+        """The runbook's symptom was (or was not) seen; not seeing it fails the scenario, quoting the runbook."""
+        self._record("symptom", expected, observed, evidence)
+        self.symptom_observed = observed
+        if observed and self._detected_at is None:
+            self._detected_at = time.monotonic()
+        if not observed:
+            raise violation(source, expected, actual)
+
+    def recovered(self, observed: bool, *, expected: str, actual: str, source: Source | None = None,
+                  evidence: Mapping[str, Any] | None = None) -> None:
+        """The runbook's fix worked (or did not); a fix that does not cure fails the scenario, quoting the runbook."""
+        self._record("recovery", expected, observed, evidence)
+        self.fix_verified = observed
+        if observed:
+            self._recovered_at = time.monotonic()
+        if not observed:
+            raise violation(source, expected, actual)
+
+    def expect(self, condition: bool, *, expected: str, actual: str, source: Source | None = None,
+               evidence: Mapping[str, Any] | None = None) -> None:
+        """Any other promise of the runbook (a steady state, a default, a step's effect)."""
+        self._record("check", expected, condition, evidence)
+        if not condition:
+            raise violation(source, expected, actual)
+
+    def finding(self, title: str, detail: str, severity: str = "warning") -> None:
+        self.findings.append(Finding(title, detail, severity))
+
+    def measure(self, name: str, value: Any) -> None:
+        self.measurements[name] = value
+
+    def nothing_lost(self, before: Snapshot, after: Snapshot) -> None:
+        """Every audit spool file and bucket object that existed before is still there, unchanged."""
+        lost = [f"spool {name}" for name, digest in before.spool.items() if after.spool.get(name) != digest]
+        lost += [f"s3 {key}" for key, etag in before.bucket.items() if after.bucket.get(key) != etag]
+        self._record("nothing_lost", "earlier audit lines and archive objects stay intact", not lost,
+                     {"checked": len(before.spool) + len(before.bucket), "lost_or_changed": lost[:20]})
+        if lost:
+            raise violation(None, "nothing is lost: earlier audit lines and archive objects stay intact",
+                            f"{len(lost)} lost or changed: {', '.join(lost[:5])}")
+
+    def _record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None) -> None:
+        self.steps.append(Step(kind, description, time.monotonic() - self._t0, 0.0, ok, dict(evidence or {})))
+
+    # -- results -------------------------------------------------------------------------------------
+
+    @property
+    def time_to_detect_s(self) -> float | None:
+        if self._injected_at is None or self._detected_at is None:
+            return None
+        return round(self._detected_at - self._injected_at, 3)
+
+    @property
+    def time_to_recover_s(self) -> float | None:
+        if self._fixed_at is None or self._recovered_at is None:
+            return None
+        return round(self._recovered_at - self._fixed_at, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "item": asdict(self.item),
+            "symptom_observed": self.symptom_observed,
+            "fix_verified": self.fix_verified,
+            "time_to_detect_s": self.time_to_detect_s,
+            "time_to_recover_s": self.time_to_recover_s,
+            "steps": [asdict(step) for step in self.steps],
+            "findings": [asdict(finding) for finding in self.findings],
+            "measurements": self.measurements,
+        }
+
+
+def snapshot(spool_dir: Path, bucket: Any | None) -> Snapshot:
+    """Digests of every spool file and every bucket object (bucket may be None when S3 is not in play)."""
+    spool = {
+        str(path.relative_to(spool_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(spool_dir.rglob("*.jsonl")) if path.is_file()
+    } if spool_dir.is_dir() else {}
+    return Snapshot(spool=spool, bucket=bucket.snapshot() if bucket is not None else {})
