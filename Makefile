@@ -7,14 +7,26 @@ TWIN := reference/quantlab
 NODE_TEST_FLAGS ?= --test-concurrency=2
 PYTEST_FLAGS ?= -n auto
 
-.PHONY: bootstrap test test-twin test-harness chaos clean help
+.PHONY: bootstrap browser test test-twin test-harness chaos clean help
 
 help:
 	@echo "make chaos      run the chaos suite against the twin (reports in reports/)"
 	@echo "make test       run every test suite (the twin's node tests and pytest)"
 	@echo "make bootstrap  install what is missing: .venv, the twin's npm packages, toxiproxy"
 
-bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready
+bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready tools/allure/node_modules/.installed
+
+tools/allure/node_modules/.installed: tools/allure/package-lock.json
+	cd tools/allure && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# Headless Chromium for the test that opens the HTML report; installed with apt where we are root.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      echo "browser: could not install chromium; the HTML report test will be skipped"; \
+	    else echo "browser: chromium missing and not root; the HTML report test will be skipped"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "bootstrap: $(PYTHON) not found; install Python 3.11+ and run make again" >&2; exit 2; }
@@ -33,7 +45,10 @@ $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
 	./tools/install-toxiproxy.sh
 	@touch $@
 
-test: bootstrap test-twin test-harness
+test: bootstrap browser test-twin test-harness
+
+chaos: bootstrap
+	$(VENV)/bin/quantlab-chaos run --html $(CHAOS_FLAGS)
 
 test-twin: bootstrap
 	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_FLAGS) test/

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.runbook import Runbook
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -23,11 +28,75 @@ def _fake_binance(args: argparse.Namespace) -> int:
     return binance.main(argv)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.run import run
+
+    return run(quantlab_root=args.quantlab_root, runbook=args.runbook, workers=args.n, only=args.only or [],
+               s3_backend=args.s3_backend, s3_url=args.s3_url, toxiproxy_bin=args.toxiproxy_bin, html=args.html,
+               reports_dir=Path(args.reports) if args.reports else None, pytest_args=args.pytest_args or [])
+
+
 def _env_up(args: argparse.Namespace) -> int:
     from harness.environment import serve_environment
 
     return serve_environment(quantlab_root=args.quantlab_root, runbook=args.runbook, s3_backend=args.s3_backend,
                              s3_url=args.s3_url, toxiproxy_bin=args.toxiproxy_bin, services=args.service)
+
+
+def _runbook_show(args: argparse.Namespace) -> int:
+    from harness.runbook import load_runbook
+    from harness.target import Target
+
+    path = args.runbook if args.runbook and not args.quantlab_root else Target.load(args.quantlab_root, args.runbook).runbook
+    runbook = load_runbook(path)
+    print(runbook.to_json() if args.json else format_runbook(runbook))
+    return 0
+
+
+def _runbook_check(args: argparse.Namespace) -> int:
+    from harness.drift import check_drift, report
+    from harness.runbook import load_runbook
+    from harness.target import Target
+
+    target = Target.load(args.quantlab_root, args.runbook)
+    runbook = load_runbook(target.runbook)
+    drifts = check_drift(runbook, target)
+    if args.json:
+        print(json.dumps(report(drifts, runbook, target), indent=2))
+    else:
+        print(f"runbook {runbook.path} against {target.root}: {len(runbook.items())} items, {len(drifts)} mismatch(es)")
+        for drift in drifts:
+            print(f"  {drift}")
+    return 1 if drifts else 0
+
+
+def format_runbook(rb: Runbook) -> str:
+    """A readable outline of the runbook model."""
+    lines = [f"{rb.title}  ({rb.path})", "", "Items:"]
+    lines += [f"  {item.id:<36} line {item.source.line:<4} {item.title}" for item in rb.items()]
+    lines += ["", "Units: " + ", ".join(rb.unit_names())]
+    lines += ["systemctl: " + ", ".join(sorted({c.action for c in rb.systemctl}))]
+    lines += [f"Health: {r.method} {r.url}" for r in rb.health_checks]
+    lines += [f"Self-test: {c.text}" for c in rb.self_tests]
+    if rb.kill_switch:
+        lines.append(f"Kill-switch: {rb.kill_switch.method} {rb.kill_switch.url}")
+    if rb.canary:
+        lines.append(f"Canary: {rb.canary.text}")
+        lines += [f"  expect: {text}" for text, _ in rb.canary_expected]
+    lines.append("Failures:")
+    for f in rb.failures:
+        lines.append(f"  {f.number}) {f.title} [{f.id}]")
+        lines.append(f"     symptom: {f.symptom}  codes={list(f.symptom_ids.codes)} statuses={list(f.symptom_ids.http_statuses)}")
+        lines.append(f"     fix: {f.fix}  env={list(f.fix_ids.env_names)} values={f.fix_ids.env()} paths={list(f.fix_ids.paths)}")
+    lines.append("Break glass:")
+    lines += [f"  {s.id}: {s.text}" for s in rb.break_glass]
+    lines.append("Safety defaults: " + ", ".join(f"{s.name}={s.value}" for s in rb.unit_directives))
+    lines.append("Env limits: " + ", ".join(f"{s.name}={s.value}" for s in rb.env_limits))
+    if rb.unknown_sections:
+        lines.append("Sections the harness does not know: " + ", ".join(name for name, _ in rb.unknown_sections))
+    return "\n".join(lines)
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +107,18 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab-chaos", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    main_job = commands.add_parser("run", help="the chaos suite against the target, with reports (the main job)")
+    _add_target_options(main_job)
+    main_job.add_argument("-n", default="auto", help="parallel workers (pytest-xdist; default auto, 0 for serial)")
+    main_job.add_argument("--only", action="append", metavar="ITEM", help="only this runbook item (repeatable)")
+    main_job.add_argument("--s3-backend", default="moto", choices=("moto", "minio", "url"))
+    main_job.add_argument("--s3-url", help="S3 endpoint for --s3-backend url")
+    main_job.add_argument("--toxiproxy-bin", help="path of toxiproxy-server")
+    main_job.add_argument("--html", action="store_true", help="also render the allure report as HTML (npm allure 3)")
+    main_job.add_argument("--reports", help="reports folder (default: reports/ in this project)")
+    main_job.add_argument("--pytest-arg", dest="pytest_args", action="append", help="extra argument for pytest (repeatable)")
+    main_job.set_defaults(handler=_run)
 
     fake = commands.add_parser("fake-binance", help="serve fake Binance USDⓈ-M futures market streams")
     fake.add_argument("--host", default="127.0.0.1")
@@ -56,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--toxiproxy-bin", help="path of toxiproxy-server")
     up.add_argument("--service", action="append", help="start only these services (role or unit; repeatable)")
     up.set_defaults(handler=_env_up)
+    book = commands.add_parser("runbook", help="the runbook model and the drift check")
+    book_commands = book.add_subparsers(dest="runbook_command", required=True, metavar="ACTION")
+    show = book_commands.add_parser("show", help="print what the harness reads from the runbook")
+    _add_target_options(show)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_runbook_show)
+    check = book_commands.add_parser("check", help="static drift check of the runbook against the target (exit 1 on drift)")
+    _add_target_options(check)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=_runbook_check)
     return parser
 
 

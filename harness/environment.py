@@ -74,6 +74,7 @@ class QuantLabEnvironment(AbstractContextManager):
         self.state_dir = self.workdir / "state"
         self.env_dir = self.workdir / "etc-quantlab"
         self.services: dict[str, ServiceWiring] = {}
+        self.http_log: list[dict[str, Any]] = []  # observer exchanges, Authorization never recorded
         self._stack = ExitStack()
         self.bucket: Bucket
         self.s3_proxy: ChaosProxy
@@ -244,7 +245,10 @@ class QuantLabEnvironment(AbstractContextManager):
         bearer = self.token if token is None else token
         if bearer and "Authorization" not in sent:
             sent["Authorization"] = f"Bearer {bearer}"
-        return httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout)
+        response = httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout)
+        self.http_log.append({"method": method, "path": path, "authorization": "sent" if "Authorization" in sent else "none",
+                              "status": response.status_code, "body": response.text[:500]})
+        return response
 
     # -- commands -------------------------------------------------------------------------------------
 

@@ -6,12 +6,15 @@ recover, keeps evidence, and fails with a message that quotes the runbook line t
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import allure
 
 from harness.runbook import RunbookItem, Source
 
@@ -76,7 +79,8 @@ class Journal:
         self.steps.append(step)
         started = time.monotonic()
         try:
-            yield step
+            with allure.step(f"{kind.replace('_', ' ')}: {description}"):
+                yield step
             step.ok = True if step.ok is None else step.ok
         except BaseException:
             step.ok = False
@@ -142,6 +146,10 @@ class Journal:
 
     def _record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None) -> None:
         self.steps.append(Step(kind, description, time.monotonic() - self._t0, 0.0, ok, dict(evidence or {})))
+        with allure.step(f"{kind.replace('_', ' ')}: {description} -> {'ok' if ok else 'NOT as the runbook says'}"):
+            if evidence:
+                allure.attach(json.dumps(dict(evidence), indent=2, default=str), name=f"{kind} evidence",
+                              attachment_type=allure.attachment_type.JSON)
 
     # -- results -------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import allure
 import pytest
 
 from harness.environment import QuantLabEnvironment, Settings
@@ -19,6 +20,7 @@ from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
 from harness.fakes.toxiproxy import ToxiproxyServer
 from harness.journal import Journal
+from harness.redact import redact
 from harness.runbook import Runbook, load_runbook
 from harness.target import Target
 
@@ -30,6 +32,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--s3-backend", default="moto", choices=BACKENDS, help="S3 server for the target (default: moto)")
     group.addoption("--s3-url", help="S3 endpoint for --s3-backend url")
     group.addoption("--toxiproxy-bin", help="toxiproxy-server binary (default: .tools/bin, then PATH)")
+    group.addoption("--runbook-item", action="append", default=[], metavar="ITEM",
+                    help="run only scenarios proving this runbook item (repeatable)")
+    group.addoption("--runbook-report", metavar="DIR", help="write summary.json and summary.md per runbook item into DIR")
+    group.addoption("--runbook-drift", metavar="FILE", help="drift found before the run (JSON list), for the summary")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,6 +43,41 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "quantlab_settings(archive=True, live_ws=True, audit=True, extra=None): settings the quantlab fixture starts with"
     )
+    out_dir = config.getoption("runbook_report")
+    if out_dir and not hasattr(config, "workerinput"):
+        _register_report(config, Path(out_dir))
+
+
+def _register_report(config: pytest.Config, out_dir: Path) -> None:
+    from harness.reporting import RunbookReport
+
+    try:
+        target = Target.load(config.getoption("quantlab_root"), config.getoption("runbook"))
+        runbook = load_runbook(target.runbook)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    drift_file = config.getoption("runbook_drift")
+    drift = json.loads(Path(drift_file).read_text()) if drift_file else []
+    allure_dir = config.getoption("allure_report_dir", None)
+    config.pluginmanager.register(
+        RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
+                      config.getoption("runbook_item")), "runbook-report"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tags each scenario's reports with its runbook item, and keeps only --runbook-item ones when asked."""
+    wanted = set(config.getoption("runbook_item"))
+    selected, deselected = [], []
+    for item in items:
+        marker = item.get_closest_marker("runbook")
+        item_id = str(marker.args[0]) if marker and marker.args else None
+        if item_id:
+            item.user_properties.append(("runbook_item", item_id))
+        (selected if not wanted or item_id in wanted else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +156,41 @@ def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyS
         yield env
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """After the test body (passed or not), while its allure result is open: attach the environment's evidence."""
+    yield
+    env = getattr(item, "funcargs", {}).get("quantlab")
+    if isinstance(env, QuantLabEnvironment):
+        attach_evidence(env)
+
+
+def attach_evidence(env: QuantLabEnvironment) -> None:
+    """Service journals, HTTP exchanges, audit lines and archive objects of the test, secrets redacted."""
+    secrets = list(env.secrets().values())
+    for role in env.services:
+        try:
+            lines = env.logs(role)
+        except HarnessError:
+            continue
+        if lines:
+            allure.attach(redact("\n".join(lines[-400:]), secrets), name=f"journal {role}", attachment_type=allure.attachment_type.TEXT)
+    if env.http_log:
+        allure.attach(redact(json.dumps(env.http_log[-100:], indent=2), secrets), name="HTTP exchanges",
+                      attachment_type=allure.attachment_type.JSON)
+    audit = [line for path in sorted(env.audit_dir.rglob("*.jsonl")) for line in path.read_text(errors="replace").splitlines()]
+    if audit:
+        allure.attach(redact("\n".join(audit[-400:]), secrets), name="audit spool", attachment_type=allure.attachment_type.TEXT)
+    try:
+        keys = env.bucket.list_keys("replay_runs/")
+        manifests = {key: env.bucket.read_json(key) for key in keys if key.endswith("manifest.json")}
+    except Exception:  # noqa: BLE001 - evidence is best effort; the bucket may be unreachable by design
+        return
+    if keys:
+        allure.attach(redact(json.dumps({"objects": keys, "manifests": manifests}, indent=2), secrets),
+                      name="archive objects", attachment_type=allure.attachment_type.JSON)
+
+
 @pytest.fixture()
 def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[Journal]:
     """The journal of the runbook item named by the test's `runbook` marker; saved into the test report."""
@@ -127,6 +203,11 @@ def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[
     except KeyError:
         pytest.skip(f"the runbook {runbook_model.path} has no item '{item_id}' (drift: see 'quantlab-chaos runbook check')")
     entry = Journal(item)
+    allure.dynamic.epic("QuantLab runbook")
+    allure.dynamic.feature(item.section)
+    allure.dynamic.story(f"{item.title} [{item.id}]")
+    allure.dynamic.label("runbook_item", item.id)
+    allure.dynamic.description(f"Proves {item.source} ({runbook_model.path.name})")
     try:
         yield entry
     finally:

@@ -1,0 +1,223 @@
+"""Reports people read: a summary per runbook item (JSON and Markdown) beside pytest's JUnit XML and allure results.
+
+The plugin here runs in the pytest controller (with or without xdist). Scenarios carry their runbook item and
+journal in `user_properties`, which xdist ships from the workers, so the controller sees every result.
+Schema of summary.json (stable, documented in reports/README.md):
+{"target", "runbook", "started_at", "duration_s",
+ "items": [{"id", "section", "title", "status": "pass"|"fail"|"skip", "symptom_observed", "fix_verified",
+            "time_to_detect_s", "time_to_recover_s", "message", "tests", "findings", "line"}],
+ "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "skip"}}
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.runbook import Runbook, RunbookItem
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+ALLURE_CATEGORIES = [
+    {"name": "Runbook drift (the runbook's text no longer matches the system)", "messageRegex": r"(?s).*\[drift\].*",
+     "matchedStatuses": ["failed"]},
+    {"name": "System defect (the system disagrees with the runbook)", "messageRegex": r"(?s).*runbook line \d+.*",
+     "matchedStatuses": ["failed"]},
+    {"name": "Harness error (the harness or its environment broke)", "matchedStatuses": ["broken"]},
+]
+
+
+@dataclass
+class TestOutcome:
+    nodeid: str
+    item: str
+    outcome: str = "passed"
+    message: str = ""
+    journal: dict[str, Any] | None = None
+
+
+@dataclass
+class ItemSummary:
+    item: RunbookItem
+    tests: list[TestOutcome] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        journals = [t.journal for t in self.tests if t.journal]
+        failed = [t for t in self.tests if t.outcome == "failed"]
+        passed = [t for t in self.tests if t.outcome == "passed"]
+        if not self.tests:
+            status, message = "fail", "no scenario proves this item"
+        elif failed:
+            status, message = "fail", "; ".join(f"{t.nodeid.split('::')[-1]}: {t.message}" for t in failed)[:2000]
+        elif passed:
+            status, message = "pass", ""
+        else:
+            status, message = "skip", "; ".join(t.message for t in self.tests)[:500]
+        return {
+            "id": self.item.id,
+            "section": self.item.section,
+            "title": self.item.title,
+            "line": self.item.source.line,
+            "status": status,
+            "symptom_observed": _all_of(j.get("symptom_observed") for j in journals),
+            "fix_verified": _all_of(j.get("fix_verified") for j in journals),
+            "time_to_detect_s": _max_of(j.get("time_to_detect_s") for j in journals),
+            "time_to_recover_s": _max_of(j.get("time_to_recover_s") for j in journals),
+            "message": message,
+            "tests": [{"nodeid": t.nodeid, "outcome": t.outcome} for t in self.tests],
+            "findings": [f for j in journals for f in j.get("findings", [])],
+            "measurements": {k: v for j in journals for k, v in j.get("measurements", {}).items()},
+        }
+
+
+def _all_of(values: Any) -> bool | None:
+    seen = [v for v in values if v is not None]
+    return all(seen) if seen else None
+
+
+def _max_of(values: Any) -> float | None:
+    seen = [v for v in values if isinstance(v, (int, float))]
+    return max(seen) if seen else None
+
+
+class RunbookReport:
+    """Collects results per runbook item and writes summary.json / summary.md at the end of the session."""
+
+    def __init__(self, out_dir: Path, runbook: Runbook, target_root: Path, drift: list[dict[str, Any]] | None = None,
+                 allure_dir: Path | None = None, selected: list[str] | None = None) -> None:
+        self.selected = set(selected or [])
+        self.out_dir = out_dir
+        self.runbook = runbook
+        self.target_root = target_root
+        self.drift = drift or []
+        self.allure_dir = allure_dir
+        self.started_at = datetime.now(timezone.utc)
+        self._t0 = time.monotonic()
+        self.outcomes: dict[str, TestOutcome] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        item = props.get("runbook_item")
+        if not item:
+            return
+        outcome = self.outcomes.setdefault(report.nodeid, TestOutcome(report.nodeid, str(item)))
+        if "runbook_journal" in props:
+            outcome.journal = json.loads(props["runbook_journal"])
+        if report.failed:
+            outcome.outcome = "failed"
+            outcome.message = _failure_message(report)
+        elif report.skipped and outcome.outcome != "failed":
+            outcome.outcome = "skipped"
+            outcome.message = _skip_reason(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(session.config, "workerinput"):
+            return
+        self.write()
+
+    def summary(self) -> dict[str, Any]:
+        items = {item.id: ItemSummary(item) for item in self.runbook.items()}
+        unknown: list[TestOutcome] = []
+        for outcome in self.outcomes.values():
+            (items[outcome.item].tests.append(outcome) if outcome.item in items else unknown.append(outcome))
+        rows = [summary.to_dict() for summary in items.values()]
+        for row in rows:
+            if self.selected and row["id"] not in self.selected:
+                row.update(status="skip", message="not selected (--only)")
+        totals = {status: sum(1 for row in rows if row["status"] == status) for status in ("pass", "fail", "skip")}
+        return {
+            "target": str(self.target_root),
+            "runbook": str(self.runbook.path),
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.monotonic() - self._t0, 2),
+            "items": rows,
+            "drift": self.drift,
+            "totals": totals,
+            "scenarios_without_item": [o.nodeid for o in unknown],
+        }
+
+    def write(self) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        data = self.summary()
+        (self.out_dir / SUMMARY_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        (self.out_dir / SUMMARY_MD).write_text(markdown(data))
+        if self.allure_dir is not None:
+            write_allure_extras(self.allure_dir, data)
+        return data
+
+
+def _failure_message(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return " ".join(text.split())[:1000]
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)[:300]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    totals = data["totals"]
+    lines = [
+        "# Runbook verification summary", "",
+        f"- Target: `{data['target']}`", f"- Runbook: `{data['runbook']}`",
+        f"- Started: {data['started_at']}, took {data['duration_s']} s",
+        f"- Items: {totals['pass']} pass, {totals['fail']} fail, {totals['skip']} skip", "",
+        "| item | line | status | symptom seen | fix verified | detect (s) | recover (s) | message |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    mark = {True: "yes", False: "no", None: "-"}
+    for row in data["items"]:
+        message = row["message"].replace("|", "\\|").replace("\n", " ")[:300]
+        lines.append(f"| {row['id']} | {row['line']} | **{row['status']}** | {mark[row['symptom_observed']]} | "
+                     f"{mark[row['fix_verified']]} | {row['time_to_detect_s'] if row['time_to_detect_s'] is not None else '-'} | "
+                     f"{row['time_to_recover_s'] if row['time_to_recover_s'] is not None else '-'} | {message} |")
+    findings = [(row["id"], f) for row in data["items"] for f in row["findings"]]
+    if findings:
+        lines += ["", "## Findings", ""]
+        lines += [f"- {item}: **{f['title']}**: {f['detail']}" for item, f in findings]
+    if data["drift"]:
+        lines += ["", "## Runbook drift", ""]
+        lines += [f"- [{d['kind']}] {d['item']}: runbook line {d.get('line') or '-'} says `{d['runbook']}`; "
+                  f"the system: {d['system']}" for d in data["drift"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_allure_extras(allure_dir: Path, data: dict[str, Any]) -> None:
+    """categories.json, environment.properties, and one result per drift entry, so allure shows drift too."""
+    allure_dir.mkdir(parents=True, exist_ok=True)
+    (allure_dir / "categories.json").write_text(json.dumps(ALLURE_CATEGORIES, indent=2))
+    props = {
+        "target": data["target"], "runbook": data["runbook"], "python": platform.python_version(),
+        "node": _version(["node", "--version"]), "started_at": data["started_at"],
+    }
+    (allure_dir / "environment.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    now = int(time.time() * 1000)
+    for index, drift in enumerate(data["drift"]):
+        result = {
+            "uuid": f"drift-{index:04d}-{now}", "historyId": f"drift-{drift['kind']}-{drift['item']}-{drift['runbook']}",
+            "name": f"Runbook drift: {drift['item']} ({drift['kind']})", "fullName": f"runbook-drift.{index}",
+            "status": "failed", "stage": "finished", "start": now, "stop": now,
+            "statusDetails": {"message": f"[drift] runbook line {drift.get('line') or '-'} says {drift['runbook']!r}; "
+                                         f"the system: {drift['system']}"},
+            "labels": [{"name": "feature", "value": "Runbook drift"}, {"name": "story", "value": drift["item"]},
+                       {"name": "runbook_item", "value": drift["item"]}],
+        }
+        (allure_dir / f"drift-{index:04d}-result.json").write_text(json.dumps(result))
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
