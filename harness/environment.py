@@ -28,7 +28,7 @@ from harness.fakes.toxiproxy import ChaosProxy, ToxiproxyServer
 from harness.ports import free_port
 from harness.services import ServiceStatus, Supervisor
 from harness.target import ServiceRole, Target
-from harness.units import ServiceSpec, load_service, write_env_file
+from harness.units import EnvFile, ServiceSpec, is_secret_name, load_service, write_env_file
 
 STRATEGIES = Path(__file__).with_name("strategies")
 SECRET_ENV = ("OBSERVER_TOKEN", "RUN_ARCHIVE_S3_ACCESS_KEY", "RUN_ARCHIVE_S3_SECRET_KEY")
@@ -75,6 +75,7 @@ class QuantLabEnvironment(AbstractContextManager):
         self.env_dir = self.workdir / "etc-quantlab"
         self.services: dict[str, ServiceWiring] = {}
         self.http_log: list[dict[str, Any]] = []  # observer exchanges, Authorization never recorded
+        self.inherent_waits: list[tuple[str, float]] = []  # waits the scenario needs by nature (run lengths, restart delays)
         self._stack = ExitStack()
         self.bucket: Bucket
         self.s3_proxy: ChaosProxy
@@ -151,9 +152,15 @@ class QuantLabEnvironment(AbstractContextManager):
         }
 
     def secrets(self) -> dict[str, str]:
-        """Secret name -> value, for redaction and leak scans."""
+        """Secret name -> value, for redaction and leak scans: the configured ones, and every secret-named value
+        an env file holds now (a rotated token too), keyed `<file>:<NAME>` for those."""
         env = self.quantlab_env()
-        return {name: env[name] for name in SECRET_ENV if env.get(name)}
+        found = {name: env[name] for name in SECRET_ENV if env.get(name)}
+        for path in sorted(self.env_dir.glob("*.env")):
+            for name, value in EnvFile.read(path).values.items():
+                if value and is_secret_name(name) and value not in found.values():
+                    found[f"{path.name}:{name}"] = value
+        return found
 
     def service_env(self, service: str) -> dict[str, str]:
         wiring = self.wiring(service)
@@ -220,8 +227,6 @@ class QuantLabEnvironment(AbstractContextManager):
         wiring = self.wiring(service)
         if wiring.env_file is None:
             raise ConfigError(f"The unit {wiring.unit_path} has no EnvironmentFile=; its env cannot be edited.")
-        from harness.units import EnvFile
-
         values = dict(EnvFile.read(wiring.env_file).values) if wiring.env_file.exists() else {}
         values.update(set or {})
         for name in unset:
@@ -257,8 +262,14 @@ class QuantLabEnvironment(AbstractContextManager):
         """Runs `node <script> args` in the checkout with this environment's settings (plus `env`, minus `unset`)."""
         return self.run_command(("node", str(script), *args), env=env, unset=unset, timeout=timeout)
 
+    def note_wait(self, reason: str, seconds: float) -> None:
+        """Records a wait the scenario needs by nature (benchmarks compare the suite's wall time with their sum)."""
+        self.inherent_waits.append((reason, float(seconds)))
+
     def run_command(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, unset: Sequence[str] = (),
                     timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
+        if "--duration-seconds" in argv[:-1]:
+            self.note_wait("live run length", float(argv[list(argv).index("--duration-seconds") + 1]))
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workdir), "LANG": "C.UTF-8"}
         full_env.update(self.quantlab_env())
         full_env.update(self.plumbing_env())

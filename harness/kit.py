@@ -1,18 +1,28 @@
 """What runbook scenarios share: running the runbook's canary in an environment, and the canary's checks."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from canary.checks import (
-    CanaryOutcome, CheckResult, Runner, canary_argv, check_archive, check_audit, check_canary_line, run_canary,
+    CanaryOutcome, CheckResult, ObserverClient, Runner, canary_argv, check_archive, check_audit, check_canary_line,
+    find_run, run_canary,
 )
 from canary.process import CommandResult
 from harness.environment import QuantLabEnvironment
 from harness.journal import Snapshot, snapshot
-from harness.runbook import Runbook
+from harness.ports import wait_until
+from harness.runbook import HttpRequest, Runbook
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT")
+NATURAL_END = "STREAM_END"  # CONTRACT section 6: a run that reaches its duration
 
 
 def runner(env: QuantLabEnvironment) -> Runner:
@@ -51,6 +61,8 @@ def baseline(env: QuantLabEnvironment, runbook: Runbook) -> tuple[CanaryOutcome,
     """A healthy canary run before the fault, and a snapshot of what it left, to prove later that nothing is lost."""
     outcome = canary(env, runbook)
     problems = failed(canary_checks(env, outcome))
+    if outcome.line and outcome.line.get("stop_reason") != NATURAL_END:
+        problems.append(f"the healthy run stopped with {outcome.line.get('stop_reason')}, not {NATURAL_END}")
     if problems:
         raise AssertionError(f"steady state not reached: the canary failed before any fault was injected: {problems}")
     return outcome, snapshot(env.audit_dir, env.bucket)
@@ -62,3 +74,99 @@ def evidence(outcome: CanaryOutcome) -> dict[str, Any]:
 
 def now_snapshot(env: QuantLabEnvironment) -> Snapshot:
     return snapshot(env.audit_dir, env.bucket)
+
+
+# -- live runs and the runbook's observer requests (added for the observer scenarios) -----------------------
+
+LIVE_ROLE = "live"
+
+
+@dataclass
+class LiveRun:
+    """A live run in progress: its id, and whether the live runner unit or a background canary carries it."""
+
+    run_id: str
+    via: str  # "unit" or "canary"
+    process: subprocess.Popen[bytes] | None = None
+
+
+def observer_client(env: QuantLabEnvironment, token: str | None = None) -> ObserverClient:
+    """The canary checks' observer client for this environment (its token unless `token` is given)."""
+    return ObserverClient(env.observer_url, env.token if token is None else token, timeout=5.0, retries=1)
+
+
+def send(env: QuantLabEnvironment, request: HttpRequest, *, shell_env: Mapping[str, str] | None = None,
+         timeout: float = 5.0, **placeholders: str) -> httpx.Response:
+    """A runbook curl request as written (method, path, headers with $VARS expanded from `shell_env`, by default
+    the observer's env), sent to this environment's observer instead of the runbook's host and port."""
+    values = env.service_env("observer") if shell_env is None else shell_env
+    # token="": only the headers the runbook writes are sent.
+    return env.observer(request.method, request.url_for("", **placeholders), token="",
+                        headers=request.header_values(values), timeout=timeout)
+
+
+def has_service(env: QuantLabEnvironment, role: str) -> bool:
+    """Whether the target has a usable unit for `role` (e.g. no live runner unit in some checkouts)."""
+    wiring = env.services.get(role)
+    return wiring is not None and wiring.error is None and wiring.spec is not None
+
+
+def running_ids(client: ObserverClient) -> set[str]:
+    status, body = client.json("/observer/runs")
+    runs = body.get("runs") if status == 200 and isinstance(body, dict) else None
+    return {r["live_run_id"] for r in runs or [] if isinstance(r, dict) and r.get("status") == "RUNNING"}
+
+
+@contextmanager
+def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, strategy: str = "steady",
+             timeout: float = 20.0) -> Iterator[LiveRun]:
+    """A live run seen RUNNING in /observer/runs with events arriving (the observer must be up): the target's live
+    runner unit, or, when the target has none, the runbook's canary with `seconds` in the background. Stopped on exit."""
+    client = observer_client(env)
+    before = running_ids(client)
+    process = None
+    if has_service(env, LIVE_ROLE):
+        env.start(LIVE_ROLE)
+    else:
+        process = _spawn_canary(env, runbook, seconds, strategy)
+    try:
+        new = wait_until(lambda: running_ids(client) - before, timeout=timeout, interval=0.1,
+                         what="a new RUNNING run in /observer/runs")
+        run_id = sorted(new)[0]
+        wait_until(lambda: (find_run(client, run_id) or {}).get("last_event_ts"), timeout=timeout, interval=0.2,
+                   what=f"events reaching live run {run_id} (last_event_ts in /observer/runs)")
+        yield LiveRun(run_id, "canary" if process else "unit", process)
+    finally:
+        if process is None:
+            env.stop(LIVE_ROLE)
+        else:
+            _stop_group(process)
+
+
+def _spawn_canary(env: QuantLabEnvironment, runbook: Runbook, seconds: int, strategy: str) -> subprocess.Popen[bytes]:
+    if runbook.canary is None:
+        raise AssertionError(f"the runbook {runbook.path} has no canary command to start a live run with")
+    argv = canary_argv(runbook.canary.argv, env.strategy(strategy), None, seconds)
+    # The same environment as QuantLabEnvironment.run_command, but the process runs in the background.
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env.workdir), "LANG": "C.UTF-8",
+                **env.quantlab_env(), **env.plumbing_env()}
+    log = env.workdir / "background-canary.log"
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, cwd=env.target.root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+
+
+def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group (the run ends as a manual stop), SIGKILL it after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

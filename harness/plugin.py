@@ -163,6 +163,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     env = getattr(item, "funcargs", {}).get("quantlab")
     if isinstance(env, QuantLabEnvironment):
         attach_evidence(env)
+        item.user_properties.append(("inherent_wait_s", round(sum(s for _, s in env.inherent_waits), 3)))
 
 
 def attach_evidence(env: QuantLabEnvironment) -> None:

@@ -41,6 +41,8 @@ class TestOutcome:
     outcome: str = "passed"
     message: str = ""
     journal: dict[str, Any] | None = None
+    inherent_wait_s: float = 0.0
+    duration_s: float = 0.0
 
 
 @dataclass
@@ -110,6 +112,9 @@ class RunbookReport:
         outcome = self.outcomes.setdefault(report.nodeid, TestOutcome(report.nodeid, str(item)))
         if "runbook_journal" in props:
             outcome.journal = json.loads(props["runbook_journal"])
+        if "inherent_wait_s" in props:
+            outcome.inherent_wait_s = float(props["inherent_wait_s"])
+        outcome.duration_s += report.duration
         if report.failed:
             outcome.outcome = "failed"
             outcome.message = _failure_message(report)
@@ -141,6 +146,10 @@ class RunbookReport:
             "drift": self.drift,
             "totals": totals,
             "scenarios_without_item": [o.nodeid for o in unknown],
+            "timing": {
+                "scenario_time_s": round(sum(o.duration_s for o in self.outcomes.values()), 2),
+                "inherent_wait_s": round(sum(o.inherent_wait_s for o in self.outcomes.values()), 2),
+            },
         }
 
     def write(self) -> dict[str, Any]:
