@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from canary.checks import (
-    CanaryOutcome, CheckResult, ObserverClient, Runner, canary_argv, check_archive, check_audit, check_canary_line,
+    CanaryOutcome, CheckResult, ObserverClient, Runner, audit_entries, canary_argv, check_archive, check_audit, check_canary_line,
     find_run, run_canary,
 )
 from canary.process import CommandResult
@@ -62,7 +62,11 @@ def baseline(env: QuantLabEnvironment, runbook: Runbook) -> tuple[CanaryOutcome,
     outcome = canary(env, runbook)
     problems = failed(canary_checks(env, outcome))
     if outcome.line and outcome.line.get("stop_reason") != NATURAL_END:
-        problems.append(f"the healthy run stopped with {outcome.line.get('stop_reason')}, not {NATURAL_END}")
+        why = [f"{e.get('action')} {e.get('reason')}" for e in audit_entries(env.audit_dir, outcome.run_id or "")
+               if e.get("action") in ("GUARD_FAIL", "BUDGET_EXCEEDED")]
+        problems.append(f"the healthy run stopped with {outcome.line.get('stop_reason')}, not {NATURAL_END} "
+                        f"({'; '.join(why) or 'no guard or budget entry in the audit'}; "
+                        f"{outcome.line.get('emitted_event_count')} events, {outcome.line.get('decision_count')} decisions)")
     if problems:
         raise AssertionError(f"steady state not reached: the canary failed before any fault was injected: {problems}")
     return outcome, snapshot(env.audit_dir, env.bucket)

@@ -1,7 +1,6 @@
 """The fake Binance USDⓈ-M market-stream server, driven by a real websockets client on 127.0.0.1."""
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 

@@ -221,7 +221,7 @@ def test_exec_stop_runs_with_mainpid(sup: Supervisor, units: Units, tmp_path: Pa
 def test_standard_output_append_file_gets_the_output_too(sup: Supervisor, units: Units, tmp_path: Path) -> None:
     server_log = tmp_path / "server.log"
     server_log.write_text("earlier line\n")
-    script = units.script("talk", f"""\
+    script = units.script("talk", """\
         import os, sys
         print("hello file", flush=True)
         print("token", os.environ["OBSERVER_TOKEN"], file=sys.stderr, flush=True)

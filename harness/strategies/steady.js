@@ -1,14 +1,17 @@
 // A calm strategy for canaries and recovery runs: healthy on any honest feed.
 // - It decides on the first event of each symbol at once (so the archived decisions prove every requested
-//   symbol fed the run), then about every min_interval_ms (default 100 ms), so a 2 s run clears the
-//   min_decisions guard with room to spare and stays far below the decision-rate budget.
+//   symbol fed the run), then once per min_interval_ms (default 120 ms) of exchange time (the events' ts_event,
+//   so a starved process that handles a backlog in one burst still decides as often as the feed covered), so a
+//   2 s run clears the min_decisions guard with room to spare and stays below the decision-rate budget
+//   (at most 500 a minute against the default 600).
 // - It buys a small lot and sells it again, but never closes two losing trades in a row, so the loss-streak
 //   guard cannot fire by chance; prices come from ctx.price() when the runtime offers it, else the last trade,
 //   mid or mark price of the event stream.
 export default class SteadyStrategy {
   constructor(config = {}) {
     this.qty = Number(config.qty ?? 0.001);
-    this.minIntervalMs = Number(config.min_interval_ms ?? 100);
+    this.minIntervalMs = Number(config.min_interval_ms ?? 120);
+    this.clock = -Infinity;
     this.lastAt = -Infinity;
     this.lots = new Map();
     this.prices = new Map();
@@ -32,7 +35,9 @@ export default class SteadyStrategy {
     const price = this.price(event, ctx);
     const first = !this.seen.has(event.symbol);
     this.seen.add(event.symbol);
-    const now = Date.now();
+    const stamp = Number(event.ts_event);
+    this.clock = Math.max(this.clock, Number.isFinite(stamp) && stamp > 0 ? stamp : Date.now());
+    const now = this.clock;
     if (price === null || (!first && now - this.lastAt < this.minIntervalMs)) return null;
     this.lastAt = now;
     const symbol = event.symbol;
