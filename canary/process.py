@@ -29,17 +29,22 @@ class CommandResult:
 
     def json_lines(self, stream: str = "stdout") -> list[dict[str, Any]]:
         """Every line of the stream that is a JSON object (other lines, like runtime warnings, are skipped)."""
-        found = []
-        for line in (self.stdout if stream == "stdout" else self.stderr).splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(value, dict):
-                    found.append(value)
-        return found
+        return json_objects(self.stdout if stream == "stdout" else self.stderr)
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """Every line of `text` that is a JSON object; other lines are skipped."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                found.append(value)
+    return found
 
 
 def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float) -> CommandResult:

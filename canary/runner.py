@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from canary.config import CanaryConfig
-from canary.process import CommandNotFound, CommandResult, run_process
+from canary.process import CommandNotFound, CommandResult, json_objects, run_process
 
 STOP_GRACE_S = 3.0
 
@@ -188,21 +188,11 @@ class S3ArchiveProbe:
 
     def read_json_lines(self, key: str) -> list[dict[str, Any]] | None:
         """The JSON-lines object as dicts, or None when it cannot be read."""
-        import json
-
         try:
             body = self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception:  # noqa: BLE001 - the archive check reports S3 errors; here it only means "unknown"
             return None
-        lines = []
-        for raw in body.decode("utf-8", errors="replace").splitlines():
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                lines.append(value)
-        return lines
+        return json_objects(body.decode("utf-8", errors="replace"))
 
 
 def archive_probe(config: CanaryConfig, deadline: Deadline) -> S3ArchiveProbe | None:
