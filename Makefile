@@ -58,3 +58,8 @@ test-harness: bootstrap
 
 clean:
 	rm -rf $(VENV) .tools $(TWIN)/node_modules reports/allure-results reports/*.json reports/*.xml reports/*.md
+
+# Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1.
+.PHONY: bench
+bench: bootstrap
+	$(PY) -m bench.run $(if $(filter 1 yes true,$(BENCH_SUITE)),--suite) --out reports/bench.json $(BENCH_FLAGS)

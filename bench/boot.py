@@ -1,0 +1,153 @@
+"""Part 2, environment boot: moto, toxiproxy and the fake exchange ready as a whole, and each alone.
+
+Each boot runs in a fresh child process (`python -m bench.boot --child WHAT`), as a pytest-xdist worker meets
+it: the harness's modules are imported (the plugin does that at start-up), then the clock runs from the first
+constructor to "answers". The child boots twice: cold (the first, paying lazy imports such as moto's) and warm
+(the second, in the same process). MinIO in a container is measured where a Docker engine answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.common import Goal, PartResult, fmt, median, ratio, say
+
+BOOT_GOAL_S = 1.5  # the embedded default (moto + toxiproxy + fake exchange), ready
+PARTS_ALONE = ("moto", "toxiproxy", "exchange")
+CHILD_TIMEOUT_S = 180.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(repeats: int = 3) -> PartResult:
+    part = PartResult("boot")
+    from harness.fakes.docker import docker_status
+
+    docker_ok, docker_reason = docker_status()
+    kinds = [*PARTS_ALONE, "all", "all_parallel"] + (["minio"] if docker_ok else [])
+    samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    for _ in range(repeats):  # interleaved, so a noisy moment hits every kind alike
+        for kind in kinds:
+            samples[kind].append(_child(kind))
+    raw: dict[str, Any] = {}
+    for kind in kinds:
+        runs = samples[kind]
+        raw[kind] = {
+            "cold_ready_s": median(r["cold"]["ready_s"] for r in runs),
+            "warm_ready_s": median(r["warm"]["ready_s"] for r in runs),
+            "cold_stop_s": median(r["cold"]["stop_s"] for r in runs),
+            "harness_import_s": median(r["import_s"] for r in runs),
+            "process_to_ready_s": median(r["process_to_ready_s"] for r in runs),
+            "repeats": len(runs),
+        }
+    alone_sum = sum(raw[kind]["cold_ready_s"] for kind in PARTS_ALONE)
+    whole = raw["all"]["cold_ready_s"]
+    for kind in PARTS_ALONE:
+        say(f"{kind} alone: ready in {fmt(raw[kind]['cold_ready_s'])} s cold, {fmt(raw[kind]['warm_ready_s'])} s warm")
+    say(f"all three (shared_parts + FakeBinance): ready in {fmt(whole)} s cold ({ratio(whole, alone_sum) or 0:.2f}x the "
+        f"sum of each alone, {fmt(alone_sum)} s); {fmt(raw['all']['process_to_ready_s'])} s from process start")
+    say(f"all three started in parallel threads: {fmt(raw['all_parallel']['cold_ready_s'])} s "
+        f"({ratio(raw['all_parallel']['cold_ready_s'], whole) or 0:.2f}x the sequential boot)")
+    part.ratios = {
+        "whole_vs_sum_alone": ratio(whole, alone_sum),
+        "whole_vs_goal": ratio(whole, BOOT_GOAL_S),
+        "parallel_vs_sequential": ratio(raw["all_parallel"]["cold_ready_s"], whole),
+        "cold_vs_warm_whole": ratio(whole, raw["all"]["warm_ready_s"]),
+        **{f"{kind}_share_of_whole": ratio(raw[kind]["cold_ready_s"], whole) for kind in PARTS_ALONE},
+    }
+    if docker_ok:
+        part.ratios["minio_vs_moto"] = ratio(raw["minio"]["cold_ready_s"], raw["moto"]["cold_ready_s"])
+        say(f"MinIO container: ready in {fmt(raw['minio']['cold_ready_s'])} s "
+            f"({part.ratios['minio_vs_moto'] or 0:.1f}x moto)")
+    else:
+        raw["minio"] = {"skipped": docker_reason}
+        say(f"MinIO container: skipped ({docker_reason})")
+    part.raw = raw
+    part.goals = [Goal("boot.embedded_default_ready_s", "embedded default boot (moto + toxiproxy + fake exchange)",
+                       whole, BOOT_GOAL_S, "s", "max")]
+    slowest = max(PARTS_ALONE, key=lambda kind: raw[kind]["cold_ready_s"])
+    part.notes.append(f"the slowest part alone is {slowest} ({part.ratios[f'{slowest}_share_of_whole'] or 0:.0%} of the "
+                      "whole); cold minus warm is lazy imports (moto's server) paid once per worker")
+    return part
+
+
+def _child(kind: str) -> dict[str, Any]:
+    spawned = time.time()
+    done = subprocess.run([sys.executable, "-m", "bench.boot", "--child", kind], cwd=ROOT, capture_output=True,
+                          text=True, timeout=CHILD_TIMEOUT_S)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"booting {kind} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    result = json.loads(lines[-1])
+    result["process_to_ready_s"] = result["cold"]["ready_wall"] - spawned
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the child
+
+
+def _makers(kind: str) -> list[Callable[[], AbstractContextManager[Any]]]:
+    from harness.environment import shared_parts
+    from harness.fakes.binance import FakeBinance
+    from harness.fakes.s3 import open_s3
+    from harness.fakes.toxiproxy import ToxiproxyServer
+
+    return {
+        "moto": [lambda: open_s3("moto")],
+        "toxiproxy": [lambda: ToxiproxyServer()],
+        "exchange": [lambda: FakeBinance()],
+        "minio": [lambda: open_s3("minio")],
+        # As the plugin's session fixtures and a test's fake_binance fixture do it: one after the other.
+        "all": [lambda: shared_parts("moto"), lambda: FakeBinance()],
+        "all_parallel": [lambda: open_s3("moto"), lambda: ToxiproxyServer(), lambda: FakeBinance()],
+    }[kind]
+
+
+def _boot_once(kind: str) -> dict[str, float]:
+    makers = _makers(kind)
+    with ExitStack() as stack:
+        started = time.perf_counter()
+        if kind == "all_parallel":
+            with ThreadPoolExecutor(len(makers)) as pool:
+                futures = [pool.submit(lambda make=make: make().__enter__()) for make in makers]
+            failures = [f.exception() for f in futures if f.exception() is not None]
+            for future in futures:  # every part that did start is stopped, even when another failed
+                if future.exception() is None:
+                    stack.push(future.result().__exit__)
+            if failures:
+                raise failures[0]
+        else:
+            for make in makers:
+                stack.enter_context(make())
+        ready = time.perf_counter() - started
+        ready_wall = time.time()
+        stopping = time.perf_counter()
+        stack.close()
+        stop = time.perf_counter() - stopping
+    return {"ready_s": ready, "stop_s": stop, "ready_wall": ready_wall}
+
+
+def _child_main(kind: str) -> int:
+    started = time.perf_counter()
+    import harness.environment  # noqa: F401 - what the pytest plugin imports before any fixture runs
+    import harness.fakes.binance  # noqa: F401
+
+    imported = time.perf_counter() - started
+    cold = _boot_once(kind)
+    warm = _boot_once(kind)
+    print(json.dumps({"kind": kind, "import_s": imported, "cold": cold, "warm": warm, "pid": os.getpid()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.boot", description="Boot benchmark child (used by bench.run).")
+    parser.add_argument("--child", required=True, choices=(*PARTS_ALONE, "all", "all_parallel", "minio"))
+    raise SystemExit(_child_main(parser.parse_args().child))
