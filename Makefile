@@ -13,10 +13,12 @@ help:
 	@echo "make chaos      run the chaos suite against the twin (reports in reports/)"
 	@echo "make test       run every test suite (the twin's node tests and pytest)"
 	@echo "make bootstrap  install what is missing: .venv, the twin's npm packages, toxiproxy"
+	@echo "make soak       the chaos suite SOAK_N times (20); fails on any outcome that differs (SOAK_PRESSURE=1: busy CPUs)"
 
 bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready tools/allure/node_modules/.installed
 
 tools/allure/node_modules/.installed: tools/allure/package-lock.json
+	@command -v npm >/dev/null || { echo "bootstrap: npm not found; install Node.js 20 with npm and run make again" >&2; exit 2; }
 	cd tools/allure && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
@@ -37,6 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
+	@command -v node >/dev/null || { echo "bootstrap: node not found; install Node.js 20 with npm and run make again" >&2; exit 2; }
 	@command -v npm >/dev/null || { echo "bootstrap: npm not found; install Node.js 20 with npm and run make again" >&2; exit 2; }
 	cd $(TWIN) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
@@ -57,9 +60,17 @@ test-harness: bootstrap
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
 clean:
-	rm -rf $(VENV) .tools $(TWIN)/node_modules reports/allure-results reports/*.json reports/*.xml reports/*.md
+	rm -rf $(VENV) .tools $(TWIN)/node_modules tools/allure/node_modules
+	cd reports && rm -rf allure-results allure-report bench-suite soak *.json *.xml summary.md soak.md
 
 # Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1.
 .PHONY: bench
 bench: bootstrap
 	$(PY) -m bench.run $(if $(filter 1 yes true,$(BENCH_SUITE)),--suite) --out reports/bench.json $(BENCH_FLAGS)
+
+# The chaos suite SOAK_N times (default 20); fails listing every test whose outcome differed between runs.
+# SOAK_PRESSURE=1 keeps one busy loop per core running for the whole soak. Reports: reports/soak.{json,md}.
+SOAK_N ?= 20
+.PHONY: soak
+soak: bootstrap
+	$(VENV)/bin/quantlab-chaos soak -N $(SOAK_N) $(if $(filter 1 yes true,$(SOAK_PRESSURE)),--cpu-pressure) $(SOAK_FLAGS)

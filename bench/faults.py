@@ -172,11 +172,7 @@ def _sink() -> Iterator[int]:
 
 def _destroy(proxy: ChaosProxy) -> None:
     """Removes the bench's proxy (it matters when TOXIPROXY_URL points at a server that outlives the bench)."""
-    from toxiproxy import Toxiproxy
-
     try:
-        found = Toxiproxy().get_proxy(proxy.name)
-        if found is not None:
-            found.destroy()
+        proxy.destroy()
     except Exception:  # noqa: BLE001 - best effort at teardown
         pass

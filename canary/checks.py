@@ -596,3 +596,15 @@ def check_limit_audited(spool_dir: Path, run_id: str, action: str, key: str, acc
                            _fix(fixes, item), item, evidence)
     return CheckResult("limit_audited", True, f"{action} of run {run_id} names {key} {next(n for n in named if n in wanted)}",
                        evidence=evidence)
+
+
+# -- rate limits (CONTRACT section 3: per client IP and path, checked before auth) ----------------------------
+
+RATE_LIMIT_PER_MIN = 120
+STOP_RATE_LIMIT_PER_MIN = 30
+TOO_MANY_REQUESTS_STATUS = 429
+
+
+def too_many_requests_body(limit: int) -> dict[str, str]:
+    """The observer's 429 body for a path whose limit is `limit` requests a minute."""
+    return {"error": "TOO_MANY_REQUESTS", "message": f"Limit {limit}/min"}

@@ -9,7 +9,22 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class ChildOwner(Protocol):
+    """Who else must know about a command's process group, e.g. the harness's reaper (harness/reaper.py)."""
+
+    def child_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]: ...
+
+    def watch(self, pid: int) -> None: ...
+
+    def forget(self, pid: int) -> None: ...
+
+
+# Set by the harness (harness.reaper.install()) so its commands die with it even when it is SIGKILLed; the canary
+# on its own leaves it unset and relies on its deadline and on systemd's KillMode.
+owner: ChildOwner | None = None
 
 
 class CommandNotFound(Exception):
@@ -50,11 +65,15 @@ def json_objects(text: str) -> list[dict[str, Any]]:
 def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float) -> CommandResult:
     """Runs a command in its own process group; on timeout the whole group is killed and the result says so."""
     started = time.monotonic()
+    keeper = owner
     try:
-        process = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
+        process = subprocess.Popen(list(argv), cwd=cwd, env=keeper.child_env(env) if keeper else dict(env),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
     except FileNotFoundError as exc:
         raise CommandNotFound(f"Cannot run {argv[0]!r}: not found on PATH. Install it (Node.js 20 for node) and retry.") from exc
+    if keeper:
+        keeper.watch(process.pid)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
         timed_out = False
@@ -66,6 +85,9 @@ def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeo
         _kill_group(process)
         process.communicate()
         raise
+    finally:
+        if keeper and process.poll() is not None:
+            keeper.forget(process.pid)
     return CommandResult(tuple(argv), None if timed_out else process.returncode, stdout, stderr,
                          time.monotonic() - started, timed_out)
 

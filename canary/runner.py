@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from canary import process as process_module
 from canary.config import CanaryConfig
 from canary.process import CommandNotFound, CommandResult, json_objects, run_process
 
@@ -81,11 +82,16 @@ class LocalRunner:
         """Like calling the runner, but hands each stdout line over as it comes, and on the deadline lets
         `on_deadline` stop the command gracefully before the process group is killed."""
         started = time.monotonic()
+        env = {**self._env, **(extra_env or {})}
+        keeper = process_module.owner
         try:
-            process = subprocess.Popen(list(argv), cwd=self.root, env={**self._env, **(extra_env or {})}, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            process = subprocess.Popen(list(argv), cwd=self.root, env=keeper.child_env(env) if keeper else env,
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
         except FileNotFoundError as exc:
             raise CommandNotFound(f"Cannot run {argv[0]!r}: not found on PATH. Install it (Node.js 20 for node) and retry.") from exc
+        if keeper:
+            keeper.watch(process.pid)
         out: list[str] = []
         err: list[str] = []
         pumps = [threading.Thread(target=_pump, args=(process.stdout, out, on_stdout_line), daemon=True),
@@ -104,6 +110,8 @@ class LocalRunner:
         finally:
             if process.poll() is None:  # an exception (the hard-deadline alarm) on the way: nothing may outlive us
                 kill_group(process)
+            if keeper:
+                keeper.forget(process.pid)
             for pump in pumps:
                 pump.join(timeout=5)
         return CommandResult(tuple(argv), None if timed_out else process.returncode, "".join(out), "".join(err),

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from harness.errors import HarnessError
+from harness.errors import EXIT_USAGE, HarnessError
 
 if TYPE_CHECKING:
     from harness.runbook import Runbook
@@ -35,12 +35,34 @@ def _run(args: argparse.Namespace) -> int:
 
     return run(quantlab_root=args.quantlab_root, runbook=args.runbook, workers=args.n, only=args.only or [],
                s3_backend=args.s3_backend, s3_url=args.s3_url, toxiproxy_bin=args.toxiproxy_bin, html=args.html,
-               reports_dir=Path(args.reports) if args.reports else None, pytest_args=args.pytest_args or [])
+               reports_dir=Path(args.reports) if args.reports else None, pytest_args=args.pytest_args or [],
+               toxiproxy_backend=args.toxiproxy_backend)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.run import DEFAULT_REPORTS
+    from harness.soak import soak
+
+    extra = list(args.run_args or [])
+    extra += ["--s3-backend", args.s3_backend] if args.s3_backend else []
+    extra += ["--toxiproxy-backend", args.toxiproxy_backend] if args.toxiproxy_backend else []
+    return soak(runs=args.runs, cpu_pressure_on=args.cpu_pressure, only=args.only or [],
+                reports_dir=Path(args.reports) if args.reports else DEFAULT_REPORTS, workers=args.n,
+                quantlab_root=args.quantlab_root, runbook=args.runbook, extra_run_args=extra,
+                run_timeout_s=args.run_timeout)
 
 
 def _env_up(args: argparse.Namespace) -> int:
     from harness.environment import serve_environment
+    from harness.run import require_programs
+    from harness.target import Target
 
+    # What cannot work is refused before anything boots, in one sentence, not as a failed service's journal.
+    target = Target.load(args.quantlab_root, args.runbook)
+    target.check_units(args.service)
+    require_programs(target, args.service)
     return serve_environment(quantlab_root=args.quantlab_root, runbook=args.runbook, s3_backend=args.s3_backend,
                              s3_url=args.s3_url, toxiproxy_bin=args.toxiproxy_bin, services=args.service)
 
@@ -115,10 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--s3-backend", default="moto", choices=("moto", "minio", "url"))
     main_job.add_argument("--s3-url", help="S3 endpoint for --s3-backend url")
     main_job.add_argument("--toxiproxy-bin", help="path of toxiproxy-server")
+    main_job.add_argument("--toxiproxy-backend", choices=("binary", "container"),
+                          help="toxiproxy as a binary or in a Docker container (default: the binary, else the "
+                               "container when Docker answers)")
     main_job.add_argument("--html", action="store_true", help="also render the allure report as HTML (npm allure 3)")
     main_job.add_argument("--reports", help="reports folder (default: reports/ in this project)")
     main_job.add_argument("--pytest-arg", dest="pytest_args", action="append", help="extra argument for pytest (repeatable)")
     main_job.set_defaults(handler=_run)
+
+    soak_job = commands.add_parser("soak", help="the chaos suite N times; fails listing every test whose outcome differed")
+    _add_target_options(soak_job)
+    soak_job.add_argument("-N", dest="runs", type=int, default=20, help="how many runs (default 20)")
+    soak_job.add_argument("--cpu-pressure", action="store_true", help="one busy loop per core during the whole soak")
+    soak_job.add_argument("--only", action="append", metavar="ITEM", help="only this runbook item (repeatable)")
+    soak_job.add_argument("--reports", help="folder for soak.json, soak.md and soak/run-NN/ (default: reports/)")
+    soak_job.add_argument("-n", default="auto", help="parallel workers per run (default auto)")
+    soak_job.add_argument("--s3-backend", choices=("moto", "minio", "url"), help="passed on to every run")
+    soak_job.add_argument("--toxiproxy-backend", choices=("binary", "container"), help="passed on to every run")
+    soak_job.add_argument("--run-timeout", type=float, default=1200.0, help="deadline of one run in seconds (default 1200)")
+    soak_job.add_argument("--run-arg", dest="run_args", action="append", metavar="ARG",
+                          help="extra argument for every 'quantlab-chaos run' (repeatable; write --run-arg=--flag)")
+    soak_job.set_defaults(handler=_soak)
 
     fake = commands.add_parser("fake-binance", help="serve fake Binance USDⓈ-M futures market streams")
     fake.add_argument("--host", default="127.0.0.1")
@@ -159,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"quantlab-chaos: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path the user gave that cannot be read or written (e.g. --reports)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"quantlab-chaos: {where}{exc.strerror or exc}. Check the path and its permissions, then run again.",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

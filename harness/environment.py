@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from canary.process import CommandNotFound, CommandResult, run_process
+from harness import reaper
 from harness.errors import ConfigError, HarnessError, MissingToolError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.node import BINANCE_FUTURES_WS, node_options_with_preload, url_map_env
@@ -29,6 +30,8 @@ from harness.ports import free_port
 from harness.services import ServiceStatus, Supervisor
 from harness.target import ServiceRole, Target
 from harness.units import EnvFile, ServiceSpec, is_secret_name, load_service, write_env_file
+
+reaper.install()  # QuantLab's one-shot commands (canary.process) are reaped with the harness too
 
 STRATEGIES = Path(__file__).with_name("strategies")
 SECRET_ENV = ("OBSERVER_TOKEN", "RUN_ARCHIVE_S3_ACCESS_KEY", "RUN_ARCHIVE_S3_SECRET_KEY")
@@ -106,11 +109,7 @@ class QuantLabEnvironment(AbstractContextManager):
         self._stack.close()
         for proxy_name in (f"{self.name}_s3", f"{self.name}_exchange"):
             try:
-                from toxiproxy import Toxiproxy
-
-                proxy = Toxiproxy().get_proxy(proxy_name)
-                if proxy is not None:
-                    proxy.destroy()
+                self.toxiproxy.destroy_proxy(proxy_name)
             except Exception:  # noqa: BLE001 - the server may already be gone at shutdown
                 pass
 

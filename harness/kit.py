@@ -16,6 +16,7 @@ from canary.checks import (
     find_run, run_canary,
 )
 from canary.process import CommandResult
+from harness import reaper
 from harness.environment import QuantLabEnvironment
 from harness.journal import Snapshot, snapshot
 from harness.ports import wait_until
@@ -130,6 +131,7 @@ def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, s
     before = running_ids(client)
     process = None
     if has_service(env, LIVE_ROLE):
+        _no_chance_guards(env)
         env.start(LIVE_ROLE)
     else:
         process = _spawn_canary(env, runbook, seconds, strategy)
@@ -147,30 +149,48 @@ def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, s
             _stop_group(process)
 
 
+# The per-event money guards judge the strategy's luck: the target's own live strategy may lose three times in a
+# row on a random walk, which stops the run as PROMOTION_GUARD_FAIL before the scenario stops it (a soak found it).
+# The scenarios that use live_run prove the observer, the kill switch and break-glass, not the guards
+# (test_failure_budget_guard_stops does), so the run they need is one that only they end.
+CHANCE_GUARDS_OFF = {"PROMOTION_GUARD_LOSS_STREAK_ENABLED": "0", "PROMOTION_GUARD_MAX_LOSS_ENABLED": "0"}
+
+
+def _no_chance_guards(env: QuantLabEnvironment) -> None:
+    if env.wiring(LIVE_ROLE).env_file is not None:
+        env.edit_env(LIVE_ROLE, set=CHANCE_GUARDS_OFF)
+
+
 def _spawn_canary(env: QuantLabEnvironment, runbook: Runbook, seconds: int, strategy: str) -> subprocess.Popen[bytes]:
     if runbook.canary is None:
         raise AssertionError(f"the runbook {runbook.path} has no canary command to start a live run with")
     argv = canary_argv(runbook.canary.argv, env.strategy(strategy), None, seconds)
     # The same environment as QuantLabEnvironment.run_command, but the process runs in the background.
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env.workdir), "LANG": "C.UTF-8",
-                **env.quantlab_env(), **env.plumbing_env()}
+                **env.quantlab_env(), **env.plumbing_env(), **CHANCE_GUARDS_OFF}
     log = env.workdir / "background-canary.log"
     with log.open("ab") as out:
-        return subprocess.Popen(argv, cwd=env.target.root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        process = subprocess.Popen(argv, cwd=env.target.root, env=reaper.child_env(full_env), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    reaper.watch(process.pid)
+    return process
 
 
 def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group (the run ends as a manual stop), SIGKILL it after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    try:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if process.poll() is not None:
+                return
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
         if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            reaper.forget(process.pid)

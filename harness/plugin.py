@@ -13,15 +13,19 @@ from pathlib import Path
 import allure
 import pytest
 
+from harness import reaper
 from harness.environment import QuantLabEnvironment, Settings
 from harness.errors import HarnessError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
-from harness.fakes.toxiproxy import ToxiproxyServer
+from harness.fakes.toxiproxy import TOXIPROXY_BACKENDS, ToxiproxyServer
 from harness.journal import Journal
 from harness.redact import redact
 from harness.runbook import Runbook, load_runbook
+from harness.secrets_scan import register as register_secrets_guard
+from harness.secrets_scan import remember as remember_secrets
+from harness.secrets_scan import scan_environment_output
 from harness.target import Target
 
 
@@ -32,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--s3-backend", default="moto", choices=BACKENDS, help="S3 server for the target (default: moto)")
     group.addoption("--s3-url", help="S3 endpoint for --s3-backend url")
     group.addoption("--toxiproxy-bin", help="toxiproxy-server binary (default: .tools/bin, then PATH)")
+    group.addoption("--toxiproxy-backend", choices=TOXIPROXY_BACKENDS, default=None,
+                    help="toxiproxy as a binary or in a Docker container (default: TOXIPROXY_URL, else the binary, "
+                         "else the container when Docker answers)")
     group.addoption("--runbook-item", action="append", default=[], metavar="ITEM",
                     help="run only scenarios proving this runbook item (repeatable)")
     group.addoption("--runbook-report", metavar="DIR", help="write summary.json and summary.md per runbook item into DIR")
@@ -43,6 +50,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "quantlab_settings(archive=True, live_ws=True, audit=True, extra=None): settings the quantlab fixture starts with"
     )
+    config.addinivalue_line("markers", "hostile: a hostile exchange (junk, huge, duplicate, out-of-order frames, drops) against the live run")
+    config.addinivalue_line("markers", "security: a security probe of the target (reported in summary.json's security block)")
+    register_secrets_guard(config)  # every process: workers hand their secrets over, the controller scans
+    # Every process: what inherits this environment (xdist workers, tools a test starts) dies with it, even on SIGKILL.
+    reaper.mark_environment()
     out_dir = config.getoption("runbook_report")
     if out_dir and not hasattr(config, "workerinput"):
         _register_report(config, Path(out_dir))
@@ -63,6 +75,12 @@ def _register_report(config: pytest.Config, out_dir: Path) -> None:
         RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
                       config.getoption("runbook_item")), "runbook-report"
     )
+
+
+def pytest_keyboard_interrupt() -> None:
+    """A SIGINT sent to the xdist controller alone (`kill -INT`, not a terminal's Ctrl-C) is passed on to its
+    workers, so they tear their services down now instead of being killed when xdist's 10 s exit timeout ends."""
+    reaper.interrupt_xdist_workers()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -111,8 +129,11 @@ def s3_server(pytestconfig: pytest.Config) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def toxiproxy_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToxiproxyServer]:
     log = tmp_path_factory.mktemp("toxiproxy") / "toxiproxy.log"
+    backend = pytestconfig.getoption("toxiproxy_backend")
+    if backend == "container" and not docker_status()[0]:
+        pytest.skip(f"--toxiproxy-backend container needs Docker: {docker_status()[1]}")
     try:
-        with ToxiproxyServer(pytestconfig.getoption("toxiproxy_bin"), log_path=log) as server:
+        with ToxiproxyServer(pytestconfig.getoption("toxiproxy_bin"), log_path=log, backend=backend) as server:
             yield server
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from exc
@@ -148,12 +169,14 @@ def quantlab_settings(request: pytest.FixtureRequest) -> Settings:
 
 @pytest.fixture()
 def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyServer, fake_binance: FakeBinance,
-             quantlab_settings: Settings, tmp_path: Path) -> Iterator[QuantLabEnvironment]:
-    """The target's services, wired through toxiproxy to S3 and the fake exchange; started on demand."""
+             quantlab_settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[QuantLabEnvironment]:
+    """The target's services, wired through toxiproxy to S3 and the fake exchange; started on demand. At the end,
+    what the target wrote is scanned for the environment's secrets while its bucket still exists."""
     name = f"ql_{uuid.uuid4().hex[:12]}"
     with QuantLabEnvironment(quantlab_target, tmp_path / "quantlab", s3=s3_server, toxiproxy=toxiproxy,
                              exchange=fake_binance, settings=quantlab_settings, name=name) as env:
         yield env
+        scan_environment_output(request.node, env)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -162,6 +185,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     yield
     env = getattr(item, "funcargs", {}).get("quantlab")
     if isinstance(env, QuantLabEnvironment):
+        remember_secrets(item, env.secrets())  # a token rotated during the test is known to the leak scans too
         attach_evidence(env)
         item.user_properties.append(("inherent_wait_s", round(sum(s for _, s in env.inherent_waits), 3)))
 

@@ -6,7 +6,9 @@ Schema of summary.json (stable, documented in reports/README.md):
 {"target", "runbook", "started_at", "duration_s",
  "items": [{"id", "section", "title", "status": "pass"|"fail"|"skip", "symptom_observed", "fix_verified",
             "time_to_detect_s", "time_to_recover_s", "message", "tests", "findings", "line"}],
- "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "skip"}}
+ "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "skip"},
+ "security": {"tests", "probes", "findings", "failures", "ports"},
+ "secrets": {"checked", "harness_leaks", "target_leaks", ...}}   (secrets: added by harness.secrets_scan)
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from harness.runbook import Runbook, RunbookItem
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
+SECURITY_MARKER = "security"
+SECURITY_PROPERTY = "security_probes"
+MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
 ALLURE_CATEGORIES = [
     {"name": "Runbook drift (the runbook's text no longer matches the system)", "messageRegex": r"(?s).*\[drift\].*",
      "matchedStatuses": ["failed"]},
@@ -103,9 +108,16 @@ class RunbookReport:
         self.started_at = datetime.now(timezone.utc)
         self._t0 = time.monotonic()
         self.outcomes: dict[str, TestOutcome] = {}
+        self.security: dict[str, dict[str, Any]] = {}  # nodeid -> {"outcome", "report"} of each security scenario
+        self.blocks: dict[str, Any] = {}  # further top-level blocks other plugins add (e.g. "secrets")
+
+    def set_block(self, name: str, data: Any) -> None:
+        """Adds (or replaces) a top-level block of summary.json; the next write() includes it."""
+        self.blocks[name] = data
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
+        self._note_security(report, props)
         item = props.get("runbook_item")
         if not item:
             return
@@ -121,6 +133,31 @@ class RunbookReport:
         elif report.skipped and outcome.outcome != "failed":
             outcome.outcome = "skipped"
             outcome.message = _skip_reason(report)
+
+    def _note_security(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
+        """Security scenarios (marker `security`) carry their probes and findings in user_properties."""
+        if SECURITY_MARKER not in report.keywords and SECURITY_PROPERTY not in props:
+            return
+        entry = self.security.setdefault(report.nodeid, {"outcome": "passed", "report": None, "message": ""})
+        if SECURITY_PROPERTY in props:
+            entry["report"] = json.loads(props[SECURITY_PROPERTY])
+        if report.failed:
+            entry["outcome"], entry["message"] = "failed", _failure_message(report)
+        elif report.skipped and entry["outcome"] != "failed":
+            entry["outcome"], entry["message"] = "skipped", _skip_reason(report)
+
+    def security_block(self) -> dict[str, Any]:
+        """Every security scenario's probes, findings and failures; target secret leaks are findings too."""
+        reports = [entry["report"] or {} for entry in self.security.values()]
+        findings = [f for r in reports for f in r.get("findings", [])]
+        findings += target_leak_findings((self.blocks.get("secrets") or {}).get("target_leaks", []))
+        return {
+            "tests": [{"nodeid": nodeid, "outcome": e["outcome"], "message": e["message"]} for nodeid, e in self.security.items()],
+            "probes": [p for r in reports for p in r.get("probes", [])],
+            "findings": findings,
+            "failures": [f for r in reports for f in r.get("failures", [])],
+            "ports": {service: sockets for r in reports for service, sockets in r.get("ports", {}).items()},
+        }
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(session.config, "workerinput"):
@@ -150,16 +187,29 @@ class RunbookReport:
                 "scenario_time_s": round(sum(o.duration_s for o in self.outcomes.values()), 2),
                 "inherent_wait_s": round(sum(o.inherent_wait_s for o in self.outcomes.values()), 2),
             },
+            "security": self.security_block(),
+            **self.blocks,
         }
 
-    def write(self) -> dict[str, Any]:
+    def write(self, allure_extras: bool = True) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         data = self.summary()
         (self.out_dir / SUMMARY_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
         (self.out_dir / SUMMARY_MD).write_text(markdown(data))
-        if self.allure_dir is not None:
+        if self.allure_dir is not None and allure_extras:
             write_allure_extras(self.allure_dir, data)
         return data
+
+
+def target_leak_findings(leaks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One critical finding per secret and kind of place the target wrote it to (the places are in secrets.target_leaks)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for leak in leaks:
+        groups.setdefault((leak["secret"], leak["kind"]), []).append(leak)
+    return [{"title": f"the target wrote the secret {secret} into its {kind}",
+             "detail": f"{len(found)} place(s), e.g. {found[0]['where']} (during {found[0].get('test') or '-'}); "
+                       "see secrets.target_leaks", "severity": "critical"}
+            for (secret, kind), found in groups.items()]
 
 
 def _failure_message(report: pytest.TestReport) -> str:
@@ -199,7 +249,37 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Runbook drift", ""]
         lines += [f"- [{d['kind']}] {d['item']}: runbook line {d.get('line') or '-'} says `{d['runbook']}`; "
                   f"the system: {d['system']}" for d in data["drift"]]
+    lines += _security_markdown(data.get("security"))
+    lines += _secrets_markdown(data.get("secrets"))
     return "\n".join(lines) + "\n"
+
+
+def _security_markdown(security: dict[str, Any] | None) -> list[str]:
+    if not security or not (security.get("tests") or security.get("findings")):
+        return []
+    probes = security.get("probes", [])
+    lines = ["", "## Security probes", "",
+             f"- {len(probes)} probe(s), {sum(1 for p in probes if not p.get('ok', True))} not as expected; "
+             f"tests: " + (", ".join(f"{t['nodeid'].split('::')[-1]} **{t['outcome']}**" for t in security["tests"]) or "none")]
+    lines += [f"- FAILURE: {failure}" for failure in security.get("failures", [])]
+    lines += [f"- finding ({f.get('severity', 'warning')}): **{f['title']}**: {f['detail']}" for f in security.get("findings", [])]
+    return lines
+
+
+def _secrets_markdown(secrets: dict[str, Any] | None) -> list[str]:
+    if not secrets:
+        return []
+    harness, target = secrets.get("harness_leaks", []), secrets.get("target_leaks", [])
+    lines = ["", "## Secret leak scan", "",
+             f"- {secrets.get('checked', 0)} artifact(s) scanned for {len(secrets.get('secret_names', []))} secret name(s): "
+             f"{len(harness)} harness leak(s), {len(target)} target leak(s)"]
+    lines += [f"- HARNESS LEAK: `{leak['secret']}` in `{leak['where']}`" + (f" ({leak['detail']})" if leak.get("detail") else "")
+              for leak in harness]
+    lines += [f"- target leak (finding): `{leak['secret']}` in `{leak['where']}` ({leak.get('test', '-')})"
+              for leak in target[:MAX_LISTED_LEAKS]]
+    if len(target) > MAX_LISTED_LEAKS:
+        lines.append(f"- ... and {len(target) - MAX_LISTED_LEAKS} more target leak(s) in summary.json")
+    return lines
 
 
 def write_allure_extras(allure_dir: Path, data: dict[str, Any]) -> None:

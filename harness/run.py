@@ -15,10 +15,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import reaper
 from harness.drift import check_drift, scenario_items
-from harness.errors import EXIT_FAILED, ConfigError, MissingToolError
+from harness.errors import EXIT_FAILED, ConfigError, HarnessError, MissingToolError
+from harness.fakes.docker import require_docker
 from harness.reporting import SUMMARY_JSON
 from harness.runbook import load_runbook
+from harness.services import group_members
 from harness.target import PROJECT_ROOT, TWIN_ROOT, Target
 
 SCENARIOS_DIR = Path(__file__).with_name("scenarios")
@@ -26,20 +29,47 @@ DEFAULT_REPORTS = PROJECT_ROOT / "reports"
 ALLURE_TOOL_DIR = PROJECT_ROOT / "tools" / "allure"
 
 
-def bootstrap(target: Target) -> None:
-    """Installs what the run needs and is missing: toxiproxy, the twin's npm packages. Says what it does."""
+def require_programs(target: Target, services: Sequence[str] | None = None) -> None:
+    """MissingToolError unless node (the harness runs QuantLab's commands with it) is on PATH, and npm too when
+    a unit to boot runs it (the console's `npm run start`)."""
     if shutil.which("node") is None:
         raise MissingToolError("node is not on PATH. Install Node.js 20 (with npm) and run again.")
+    if shutil.which("npm") is None:
+        users = [name for name in _units_to_boot(target, services) if "npm" in _words(target.units[name])]
+        if users:
+            raise MissingToolError(f"npm is not on PATH, and {', '.join(users)} runs it. Install Node.js 20 with "
+                                   f"npm and run again.")
+
+
+def _units_to_boot(target: Target, services: Sequence[str] | None) -> list[str]:
+    wanted = {target.role(name).unit for name in services} if services else None
+    return sorted(name for name in target.services if wanted is None or name in wanted)
+
+
+def _words(unit_path: Path) -> set[str]:
+    from harness.units import parse_unit
+
+    unit = parse_unit(unit_path)
+    return {word for key in ("ExecStartPre", "ExecStart", "ExecStartPost")
+            for value in unit.get_all("Service", key) for word in value.split()}
+
+
+def bootstrap(target: Target, build_toxiproxy: bool = True, toxiproxy_bin: str | None = None) -> None:
+    """Installs what the run needs and is missing: toxiproxy, the twin's npm packages. Says what it does."""
+    require_programs(target)
     from harness.fakes.toxiproxy import find_server_binary
 
+    if toxiproxy_bin or os.environ.get("TOXIPROXY_BIN"):
+        find_server_binary(toxiproxy_bin)  # a binary named explicitly must exist: never build another in its place
     try:
         find_server_binary(None)
     except MissingToolError:
-        if os.environ.get("TOXIPROXY_URL"):
+        if os.environ.get("TOXIPROXY_URL") or not build_toxiproxy:
             pass
         else:
             print("quantlab-chaos: toxiproxy is missing; building it (first run only)", flush=True)
-            _run_or_explain([str(PROJECT_ROOT / "tools" / "install-toxiproxy.sh")], "installing toxiproxy")
+            _run_or_explain([str(PROJECT_ROOT / "tools" / "install-toxiproxy.sh")], "installing toxiproxy",
+                            says_why="toxiproxy:")
     if target.root == TWIN_ROOT.resolve() and not (target.root / "node_modules").is_dir():
         if shutil.which("npm") is None:
             raise MissingToolError("npm is not on PATH. Install Node.js 20 with npm and run again.")
@@ -47,22 +77,37 @@ def bootstrap(target: Target) -> None:
         _run_or_explain(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], "npm ci in the twin", cwd=target.root)
 
 
-def _run_or_explain(argv: list[str], what: str, cwd: Path | None = None) -> None:
-    done = subprocess.run(argv, cwd=cwd, timeout=900)
-    if done.returncode != 0:
-        raise MissingToolError(f"{what} failed (exit {done.returncode}); see the output above, fix it, and run again.")
+def _run_or_explain(argv: list[str], what: str, cwd: Path | None = None, *, says_why: str = "") -> None:
+    """Runs an installer; on failure, MissingToolError. When its last error line starts with `says_why` (the
+    installer's own advice), that line is the message; otherwise its output is shown and pointed at."""
+    done = subprocess.run(argv, cwd=cwd, timeout=900, stderr=subprocess.PIPE if says_why else None, text=True)
+    if done.returncode == 0:
+        return
+    lines = (done.stderr or "").strip().splitlines()
+    if says_why and lines and lines[-1].startswith(says_why):
+        raise MissingToolError(f"{what} failed: {lines[-1].removeprefix(says_why).strip()}")
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    raise MissingToolError(f"{what} failed (exit {done.returncode}); see the output above, fix it, and run again.")
 
 
 def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: Sequence[str], s3_backend: str,
         s3_url: str | None, toxiproxy_bin: str | None, html: bool, reports_dir: Path | None,
-        pytest_args: Sequence[str] = ()) -> int:
+        pytest_args: Sequence[str] = (), toxiproxy_backend: str | None = None) -> int:
     target = Target.load(quantlab_root, runbook)
+    target.check_units()  # a unit that cannot be booted fails here, naming its file and line, not in every scenario
     model = load_runbook(target.runbook)
     known = [item.id for item in model.items()]
     unknown = [item for item in only if item not in known]
     if unknown:
-        raise ConfigError(f"--only {', '.join(unknown)}: not in the runbook {model.path}; its items are {', '.join(known)}.")
-    bootstrap(target)
+        raise ConfigError(f"--only {', '.join(unknown)}: not in the runbook {model.path}; its items are "
+                          f"{', '.join(known)}. Pass one of those.")
+    # Refuse before anything runs: without Docker every scenario would only be skipped.
+    if s3_backend == "minio":
+        require_docker("--s3-backend minio runs MinIO", "--s3-backend moto")
+    if toxiproxy_backend == "container":
+        require_docker("--toxiproxy-backend container runs toxiproxy", "--toxiproxy-backend binary")
+    bootstrap(target, build_toxiproxy=toxiproxy_backend != "container", toxiproxy_bin=toxiproxy_bin)
     reports = (reports_dir or DEFAULT_REPORTS).resolve()
     allure_dir = reports / "allure-results"
     _clean(reports, allure_dir)
@@ -79,6 +124,7 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
             "--quantlab-root", str(target.root), "--runbook", str(model.path), "--s3-backend", s3_backend]
     argv += ["--s3-url", s3_url] if s3_url else []
     argv += ["--toxiproxy-bin", toxiproxy_bin] if toxiproxy_bin else []
+    argv += ["--toxiproxy-backend", toxiproxy_backend] if toxiproxy_backend else []
     for item in only:
         argv += ["--runbook-item", item]
     argv += list(pytest_args)
@@ -94,7 +140,18 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     if html:
         render_html(allure_dir, reports / "allure-report")
     passed = all(row["status"] == "pass" for row in summary["items"] if not only or row["id"] in only)
-    return 0 if passed and code == 0 else EXIT_FAILED
+    leaked = harness_leaks(summary)
+    return 0 if passed and code == 0 and not leaked else EXIT_FAILED
+
+
+def harness_leaks(summary: dict) -> list[dict]:
+    """The secrets the harness wrote into its own reports (names and places only); each one fails the run."""
+    leaks = list((summary.get("secrets") or {}).get("harness_leaks") or [])
+    for leak in leaks:
+        print(f"quantlab-chaos: the harness leaked the secret {leak['secret']} into {leak['where']}"
+              + (f" ({leak['detail']})" if leak.get("detail") else "")
+              + "; these reports must not be published: fix the code that wrote it.", file=sys.stderr)
+    return leaks
 
 
 def _clean(reports: Path, allure_dir: Path) -> None:
@@ -106,28 +163,43 @@ def _clean(reports: Path, allure_dir: Path) -> None:
 
 
 def _pytest(argv: list[str]) -> int:
-    """Runs pytest in its own process group; Ctrl-C or SIGTERM is passed on, so every worker cleans up."""
-    process = subprocess.Popen(argv, cwd=PROJECT_ROOT, start_new_session=True)
+    """Runs pytest in its own process group; Ctrl-C or SIGTERM is passed on, so every worker cleans up.
+    If this process is killed outright, the reaper ends pytest's group. Interrupted raises HarnessError."""
+    process = subprocess.Popen(argv, cwd=PROJECT_ROOT, start_new_session=True, env=reaper.child_env())
+    reaper.watch(process.pid)
+    received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
         try:
-            os.killpg(process.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            if signum == signal.SIGINT:  # the controller passes it on to its workers (harness.plugin), once
+                os.kill(process.pid, signal.SIGINT)
+            else:
+                os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            return process.wait()
+            code = process.wait()
         except KeyboardInterrupt:
             forward(signal.SIGINT, None)
-            return process.wait()
+            code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        if not group_members(process.pid):  # else the reaper ends the stragglers when we exit
+            reaper.forget(process.pid)
+    if received:
+        name = signal.Signals(received[0]).name
+        raise HarnessError(f"interrupted by {name}: pytest and every service it started were stopped, and the "
+                           f"reports of this run are incomplete. Run it again to get a full report.",
+                           exit_code=128 + received[0])
+    return code
 
 
 def _print_summary(summary: dict, reports: Path) -> None:
@@ -139,6 +211,13 @@ def _print_summary(summary: dict, reports: Path) -> None:
     totals = summary["totals"]
     print(f"\n{totals['pass']} passed, {totals['fail']} failed, {totals['skip']} skipped runbook items; "
           f"{len(summary['drift'])} drift finding(s). Reports: {reports}")
+    security, secrets = summary.get("security") or {}, summary.get("secrets") or {}
+    if security.get("tests"):
+        print(f"Security probes: {len(security.get('probes', []))} probe(s), {len(security.get('failures', []))} failure(s), "
+              f"{len(security.get('findings', []))} finding(s) (summary.json: security)")
+    if secrets:
+        print(f"Secret leak scan: {secrets.get('checked', 0)} artifact(s); {len(secrets.get('harness_leaks', []))} harness "
+              f"leak(s), {len(secrets.get('target_leaks', []))} target leak(s) (summary.json: secrets)")
 
 
 def render_html(allure_dir: Path, out_dir: Path) -> Path:

@@ -275,7 +275,8 @@ def load_runbook(path: str | Path) -> Runbook:
     except FileNotFoundError as exc:
         raise ConfigError(f"The runbook {runbook_path} does not exist; pass --runbook with the runbook's path.") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"The runbook {runbook_path} cannot be read ({exc}); it must be UTF-8 markdown.") from exc
+        raise ConfigError(f"The runbook {runbook_path} cannot be read ({exc}); it must be a UTF-8 markdown file: "
+                          "save it as UTF-8, or pass --runbook with the right file.") from exc
     return parse_runbook(text, runbook_path)
 
 
@@ -306,7 +307,8 @@ def _require_sections(runbook: Runbook) -> None:
     if not kinds:
         raise ConfigError(
             f"{runbook.path} has no runbook sections the harness knows (Start / Stop, Health Checks, Kill-Switch, "
-            "Canary Validation, Most Common Failures, Break Glass, Safety Defaults) as '## ' headings; is it the runbook?"
+            "Canary Validation, Most Common Failures, Break Glass, Safety Defaults) as '## ' headings. Pass --runbook "
+            "with QuantLab's runbook (docs/runbook.md in the checkout)."
         )
 
 

@@ -36,6 +36,7 @@ from typing import IO, Union
 import httpx
 import psutil
 
+from harness import reaper
 from harness.errors import HarnessError
 from harness.units import REDACTED, EnvFile, ExecCommand, OutputSpec, ServiceSpec, UnitError, is_secret_name
 
@@ -749,8 +750,14 @@ class Supervisor:
         for thread in stoppers:
             thread.join(self.close_timeout + KILL_WAIT_S)
         self.kill_now()
+        for pgid in tuple(self._pgids):  # SIGKILLed just now: nothing is left for the reaper to do
+            self._forget_group(pgid)
         self._cgroups.close()
         _LIVE.discard(self)
+
+    def _forget_group(self, pgid: int) -> None:
+        self._pgids.discard(pgid)
+        reaper.forget(pgid)
 
     def kill_now(self) -> None:
         """SIGKILL every process group this supervisor started; lock-free, for signal handlers and atexit."""
@@ -901,8 +908,9 @@ class Supervisor:
         cgroup = self._limits_for_spawn(svc)
         gated = cgroup is not None or svc.spec.limit_nofile is not None
         tees = self._open_tees(svc)
-        kwargs: dict[str, object] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
-                                         start_new_session=True, close_fds=True)
+        # The owner's mark lets the reaper find the service's processes even if the harness dies mid-start.
+        kwargs: dict[str, object] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=reaper.child_env(env),
+                                         cwd=cwd, start_new_session=True, close_fds=True)
         if user is not None:
             kwargs.update(user=user.pw_uid, group=user.pw_gid,
                           extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
@@ -931,6 +939,7 @@ class Supervisor:
                                 exit_code=203) from None
         with self._lock:
             self._pgids.add(proc.pid)
+        reaper.watch(proc.pid)  # ended by the reaper if this process dies without closing us
         run = _Run(proc=proc, role=role, env=env, tees=list({id(t): t for t in tees.values()}.values()))
         if gate_write is not None:
             try:
@@ -1340,7 +1349,7 @@ class Supervisor:
         run.exited.wait(KILL_WAIT_S)
         with self._lock:
             if not group_members(run.pid):
-                self._pgids.discard(run.pid)
+                self._forget_group(run.pid)
         if timed_out:
             return "timeout"
         _, sig, result = describe_exit(run.returncode if run.returncode is not None else -signal.SIGKILL)
@@ -1372,7 +1381,7 @@ class Supervisor:
                 _wait_gone(lambda: not group_members(run.pid), time.monotonic() + KILL_WAIT_S)
         with self._lock:
             if not group_members(run.pid):
-                self._pgids.discard(run.pid)
+                self._forget_group(run.pid)
 
     def _run_stop_commands(self, svc: _Service, env: dict[str, str], cwd: str, user: pwd.struct_passwd | None,
                            main_pid: int | None, *, post_only: bool = False, only_stop: bool = False,

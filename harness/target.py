@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.errors import ConfigError
@@ -92,11 +93,30 @@ class Target:
                 return service
         raise ConfigError(
             f"No service {role_or_unit!r} in {self.root}: known are "
-            f"{', '.join(sorted(s.role for s in self.services.values())) or 'none'}."
+            f"{', '.join(sorted(s.role for s in self.services.values())) or 'none'}. Use one of those names."
         )
 
     def script(self, relative: Path | str) -> Path:
         return self.root / relative
+
+    def check_units(self, services: Sequence[str] | None = None) -> None:
+        """Refuses a checkout whose services cannot be booted from their unit files: ConfigError naming the
+        file and line, or saying where unit files are looked for when there are none. `services` (roles or unit
+        names) limits the check to those; by default every unit is checked."""
+        from harness.units import ServiceSpec, parse_unit
+
+        if not any(name.endswith(".service") for name in self.units):
+            raise ConfigError(
+                f"{self.root} has no unit files ({', '.join(UNIT_GLOBS)} found nothing), so there is no service to "
+                "boot. Point --quantlab-root at the checkout that holds QuantLab's systemd units."
+            )
+        wanted = {self.role(name).unit for name in services} if services else None
+        for name, path in sorted(self.units.items()):
+            if wanted is not None and name not in wanted:
+                continue
+            unit = parse_unit(path)  # UnitError (exit 2) names the file and line and says how to fix it
+            if name.endswith(".service"):
+                ServiceSpec.from_unit(unit)
 
 
 def _check_layout(root: Path) -> None:
@@ -146,6 +166,7 @@ def _read_profile(root: Path) -> dict[str, dict[str, object]]:
     for unit, values in data.get("services", {}).items():
         unknown = set(values) - allowed
         if unknown:
-            raise ConfigError(f"{path}: [services.{unit!r}] has unknown keys {sorted(unknown)}; allowed are {sorted(allowed)}.")
+            raise ConfigError(f"{path}: [services.{unit!r}] has unknown keys {sorted(unknown)}; allowed are "
+                              f"{sorted(allowed)}. Rename or remove the unknown keys.")
         result[unit] = dict(values)
     return result

@@ -18,6 +18,11 @@ Event times are realistic by default: non-decreasing within a stream, but severa
 frames of different streams arrive out of event-time order. `ideal=True` stamps strictly increasing times across
 every frame of the server instead (for debugging a consumer's ordering logic).
 
+Hostile faults beyond outages: `send_malformed` (cut JSON, no envelope, wrong types, multi-megabyte frames),
+`duplicate_next` (each frame sent twice in a row), `resend_recent` (frames already sent, sent again later) and
+`send_out_of_order` (a new event older than the last of its stream). The record counts what a consumer should
+count: distinct valid events are `frames_by_stream` minus `duplicates_by_stream`; malformed frames are in neither.
+
 The server runs its own asyncio loop in a background thread. All state lives on that loop; the public methods
 marshal onto it, so they are safe to call from any other thread (not from the loop's own thread).
 """
@@ -37,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -57,6 +62,7 @@ __all__ = [
     "DelayStats",
     "FakeBinance",
     "FaultEvent",
+    "HUGE_FRAME_BYTES",
     "Record",
     "RequestLog",
     "SentFrame",
@@ -72,8 +78,11 @@ BOOK_TICKER = "bookTicker"
 AGG_TRADE = "aggTrade"
 MARK_PRICE = "markPrice"
 MARK_PRICE_1S = "markPrice@1s"
-#: What `send_malformed` can send: text that is not JSON, JSON without stream/data, a payload with wrong types.
-MALFORMED_KINDS = ("non_json", "no_envelope", "wrong_types")
+#: What `send_malformed` can send: text that is not JSON, JSON without stream/data, a payload with wrong types,
+#: and a frame of HUGE_FRAME_BYTES (an envelope whose payload is padding, no usable event).
+MALFORMED_KINDS = ("non_json", "no_envelope", "wrong_types", "huge")
+#: Size of a `huge` malformed frame: thousands of times a real one, under common client limits (ws: 100 MiB).
+HUGE_FRAME_BYTES = 4 * 2**20
 
 DEFAULT_RATE = 20.0
 # Binance futures: a ping frame every 3 minutes, disconnect after 10 minutes without a pong.
@@ -95,6 +104,7 @@ _DELAY_SAMPLES = 10_000
 _CLOSED_KEPT = 1000
 _REQUESTS_KEPT = 200
 _FAULTS_KEPT = 1000
+_RECENT_KEPT = 1000  # stream frames per connection that resend_recent can send again
 _VALID_CLOSE_CODES = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
 
 
@@ -153,6 +163,9 @@ class ConnectionRecord:
     requests: tuple[RequestLog, ...]
     delay: DelayStats
     ping_latency_ms: float  # round trip of the last server ping; 0 until a pong came back
+    # Added with the hostile faults (defaults keep older constructions valid):
+    duplicates_by_stream: dict[str, int] = field(default_factory=dict)  # frames sent again, in frames_by_stream too
+    out_of_order_sent: int = 0  # send_out_of_order frames (valid, distinct events; in frames_by_stream)
 
     @property
     def is_open(self) -> bool:
@@ -170,6 +183,14 @@ class Record:
     last_frames: tuple[SentFrame, ...]
     delay: DelayStats
     faults: tuple[FaultEvent, ...]
+    duplicates_by_stream: dict[str, int] = field(default_factory=dict)
+    malformed_sent: int = 0
+    out_of_order_sent: int = 0
+
+    @property
+    def distinct_frames_by_stream(self) -> dict[str, int]:
+        """Frames per stream that a consumer should count once: every valid frame sent, less the repeats."""
+        return {name: count - self.duplicates_by_stream.get(name, 0) for name, count in self.frames_by_stream.items()}
 
     @property
     def open_connections(self) -> tuple[ConnectionRecord, ...]:
@@ -489,7 +510,10 @@ class _Connection:
         self.frames_sent = 0
         self.frames_by_stream: dict[str, int] = {}
         self.duplicates_sent = 0
+        self.duplicates_by_stream: dict[str, int] = {}
         self.malformed_sent = 0
+        self.out_of_order_sent = 0
+        self.recent: collections.deque[tuple[str, str]] = collections.deque(maxlen=_RECENT_KEPT)
         self.requests: collections.deque[RequestLog] = collections.deque(maxlen=_REQUESTS_KEPT)
         self.delays = _Delays()
         loop = server._loop_or_fail()
@@ -630,16 +654,17 @@ class _Connection:
         last[0], last[1] = event, trade
         return event, trade
 
-    def _frame(self, stream: _Stream, sched_ms: int) -> str:
+    def _frame(self, stream: _Stream, sched_ms: int, stamp: tuple[int, int] | None = None) -> str:
+        """The next frame of `stream`; `stamp` forces its (E, T) instead of the stream's clock."""
         market = stream.market
         if stream.kind == BOOK_TICKER:
             u, b, bq, a, aq = market.book()
-            event, trade = self._stamp(stream, sched_ms)
+            event, trade = stamp or self._stamp(stream, sched_ms)
             payload = (f'{{"e":"bookTicker","u":{u},"E":{event},"T":{trade},"s":"{market.symbol}",'
                        f'"b":"{b}","B":"{bq}","a":"{a}","A":"{aq}"}}')
         else:
             agg, p, q, first, last, maker = market.trade()
-            event, trade = self._stamp(stream, sched_ms)
+            event, trade = stamp or self._stamp(stream, sched_ms)
             payload = (f'{{"e":"aggTrade","E":{event},"a":{agg},"s":"{market.symbol}","p":"{p}","q":"{q}",'
                        f'"f":{first},"l":{last},"T":{trade},"m":{"true" if maker else "false"}}}')
         return f"{stream.prefix}{payload}}}" if self.combined else payload
@@ -671,6 +696,8 @@ class _Connection:
             if self.duplicate_remaining > 0:
                 self.duplicate_remaining -= 1
                 self.duplicates_sent += 1
+                self.duplicates_by_stream[stream_name] = self.duplicates_by_stream.get(stream_name, 0) + 1
+                server._duplicates_by_stream[stream_name] = server._duplicates_by_stream.get(stream_name, 0) + 1
                 texts.append(text)
                 names.append(stream_name)
                 scheds.append(None)
@@ -753,10 +780,12 @@ class _Connection:
         last_frames, delays, all_delays = server._last_frames, self.delays, server._delays
         sent_wall = sent + server._epoch
         conn_id = self.id
+        recent = self.recent
         for text, name, sched in zip(texts, names, scheds):
             by_stream[name] = by_stream.get(name, 0) + 1
             totals[name] = totals.get(name, 0) + 1
             last_frames.append((conn_id, name, text, sent_wall))
+            recent.append((name, text))
             if sched is not None:
                 delay = sent - sched if sent > sched else 0.0
                 delays.add(delay)
@@ -772,7 +801,45 @@ class _Connection:
             frames_sent=self.frames_sent, frames_by_stream=dict(self.frames_by_stream),
             duplicates_sent=self.duplicates_sent, malformed_sent=self.malformed_sent,
             requests=tuple(self.requests), delay=self.delays.stats(), ping_latency_ms=self.ws.latency * 1000,
+            duplicates_by_stream=dict(self.duplicates_by_stream), out_of_order_sent=self.out_of_order_sent,
         )
+
+    # -- hostile frames (loop side)
+
+    def out_of_order_frames(self, count: int, age_ms: int, stream_name: str | None) -> tuple[list[str], list[str]]:
+        """`count` new events of one bookTicker/aggTrade stream, stamped `age_ms` before the stream's last event;
+        the stream's clock is left alone, so the frames after them are in order again. ([], []) without such a
+        stream."""
+        realtime = [s for s in (self.server._stream(n) for n in self.subscriptions)
+                    if s is not None and s.kind in _REALTIME_WEIGHTS]
+        stream = next((s for s in realtime if stream_name in (None, s.name)), None)
+        if stream is None:
+            return [], []
+        last = self.stamps.get(stream.name)
+        newest = last[0] if last else self.server._wall_ms(self.loop.time())
+        texts = []
+        for i in range(count):
+            # Each one older than the one before: every frame is out of order, not just the first.
+            when = newest - age_ms - i
+            texts.append(self._frame(stream, when, stamp=(when, when)))
+        return texts, [stream.name] * count
+
+    def resend_frames(self, count: int) -> tuple[list[str], list[str]]:
+        """The last `count` stream frames this connection sent (in their order), to be sent again."""
+        again = list(self.recent)[-count:] if count else []
+        return [text for _, text in again], [name for name, _ in again]
+
+    def note_extra(self, kind: str, names: list[str]) -> None:
+        """Counts frames sent outside the schedule once they are written: repeats, or out-of-order events."""
+        server = self.server
+        if kind == "duplicate":
+            for name in names:
+                self.duplicates_by_stream[name] = self.duplicates_by_stream.get(name, 0) + 1
+                server._duplicates_by_stream[name] = server._duplicates_by_stream.get(name, 0) + 1
+            self.duplicates_sent += len(names)
+        else:
+            self.out_of_order_sent += len(names)
+            server._out_of_order_sent += len(names)
 
 
 def _parse_path(raw_path: str) -> tuple[str, bool, list[str]] | None:
@@ -793,6 +860,11 @@ def _malformed_text(kind: str, conn: _Connection, now_ms: int) -> str:
     symbol = stream.market.symbol if stream else "BTCUSDT"
     if kind == "non_json":
         return f'{{"stream":"{name}","data":{{"e":"bookTicker","u":'  # a frame cut short
+    if kind == "huge":
+        # A real envelope whose payload is padding: no prices, no ids, nothing a consumer may count.
+        kind_name = stream.kind if stream else BOOK_TICKER
+        head = f'{{"stream":"{name}","data":{{"e":"{kind_name}","s":"{symbol}","E":{now_ms},"pad":"'
+        return head + "x" * max(0, HUGE_FRAME_BYTES - len(head) - 3) + '"}}'
     if kind == "no_envelope":
         return json.dumps({"unexpected": "frame without stream or data", "E": now_ms}, separators=(",", ":"))
     wrong = {"e": "aggTrade", "E": str(now_ms), "a": "1", "s": symbol, "p": 65000.1, "q": 1, "f": None,
@@ -863,6 +935,9 @@ class FakeBinance:
         self._refused = 0
         self._frames_sent = 0
         self._frames_by_stream: dict[str, int] = {}
+        self._duplicates_by_stream: dict[str, int] = {}
+        self._malformed_sent = 0
+        self._out_of_order_sent = 0
         self._last_frames: collections.deque[tuple[int, str, str, float]] = collections.deque(maxlen=keep_frames)
         self._delays = _Delays()
         self._faults: collections.deque[FaultEvent] = collections.deque(maxlen=_FAULTS_KEPT)
@@ -1082,6 +1157,7 @@ class FakeBinance:
                 except ConnectionClosed:
                     continue
                 conn.malformed_sent += count
+                self._malformed_sent += count
                 sent += count
                 for _ in range(count):
                     self._last_frames.append((conn.id, f"<malformed:{kind}>", text, time.time()))
@@ -1123,6 +1199,56 @@ class FakeBinance:
 
         return self._call(apply)
 
+    def resend_recent(self, count: int) -> int:
+        """Sends again, on every open connection, the last `count` stream frames it already sent (same ids, older
+        times: duplicates that are not adjacent), even while stalled. Returns the number of frames sent."""
+        if count < 1:
+            raise ConfigError(f"count is {count}; resend at least one frame.")
+        if count > _RECENT_KEPT:
+            raise ConfigError(f"count is {count}; the fake keeps the last {_RECENT_KEPT} frames of a connection.")
+
+        async def apply() -> int:
+            return await self._send_extra("resend_recent", {"count": count}, "duplicate",
+                                          lambda conn: conn.resend_frames(count))
+
+        return self._call(apply)
+
+    def send_out_of_order(self, count: int = 1, age_ms: int = 1000, stream: str | None = None) -> int:
+        """Sends, on every open connection, `count` new valid bookTicker/aggTrade events (fresh ids) stamped `age_ms`
+        before the last event of their stream: `stream` (a subscribed name such as `btcusdt@aggTrade`), by default
+        the connection's first such stream. Sent even while stalled. Returns the number of frames sent."""
+        if count < 1:
+            raise ConfigError(f"count is {count}; send at least one out-of-order event.")
+        if not isinstance(age_ms, int) or age_ms < 1:
+            raise ConfigError(f"age_ms is {age_ms!r}; pass a whole number of milliseconds >= 1.")
+        if stream is not None and parse_stream_name(stream) is None:
+            raise ConfigError(f"{stream!r} is not a stream name; pass one like 'btcusdt@aggTrade', or None.")
+
+        async def apply() -> int:
+            return await self._send_extra("send_out_of_order", {"count": count, "age_ms": age_ms, "stream": stream},
+                                          "out_of_order", lambda conn: conn.out_of_order_frames(count, age_ms, stream))
+
+        return self._call(apply)
+
+    async def _send_extra(self, action: str, detail: dict[str, Any], kind: str,
+                          make: Callable[[_Connection], tuple[list[str], list[str]]]) -> int:
+        """Writes frames made per open connection outside its schedule and records them as `kind` ("duplicate"
+        or "out_of_order"), with no delay samples."""
+        sent = 0
+        for conn in list(self._open.values()):
+            texts, names = make(conn)
+            if not texts:
+                continue
+            try:
+                await conn.write(texts)
+            except ConnectionClosed:
+                continue
+            conn._account(texts, names, [None] * len(texts), self._loop_or_fail().time())
+            conn.note_extra(kind, names)
+            sent += len(texts)
+        self._note(action, **detail, frames=sent)
+        return sent
+
     def refuse_connections(self, seconds: float | None = None, status: int = 503) -> None:
         """Answers new WebSocket handshakes with HTTP `status` for `seconds` (or until accept_connections());
         open connections are not touched."""
@@ -1162,6 +1288,9 @@ class FakeBinance:
                 last_frames=tuple(SentFrame(*f) for f in self._last_frames),
                 delay=self._delays.stats(),
                 faults=tuple(self._faults),
+                duplicates_by_stream=dict(self._duplicates_by_stream),
+                malformed_sent=self._malformed_sent,
+                out_of_order_sent=self._out_of_order_sent,
             )
 
         return self._call(take)

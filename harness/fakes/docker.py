@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+from harness.errors import MissingToolError
+
 
 @functools.lru_cache(maxsize=1)
 def docker_status() -> tuple[bool, str]:
@@ -23,3 +25,14 @@ def docker_status() -> tuple[bool, str]:
 
 def docker_available() -> bool:
     return docker_status()[0]
+
+
+def require_docker(what: str, instead: str) -> None:
+    """Raises MissingToolError (exit 2) saying what to do when no Docker engine answers.
+
+    what: the option and what it runs ("--s3-backend minio runs MinIO"); instead: the option that needs no Docker.
+    """
+    available, reason = docker_status()
+    if not available:
+        raise MissingToolError(f"{what} in a Docker container, but {reason}. Start Docker (or point DOCKER_HOST at a "
+                               f"running engine) and run again, or use {instead}, which needs no Docker.")

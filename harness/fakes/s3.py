@@ -132,11 +132,27 @@ class MinioS3(S3Server):
             .with_env("MINIO_ROOT_USER", self.credentials.access_key)
             .with_env("MINIO_ROOT_PASSWORD", self.credentials.secret_key)
         )
-        self._container = container.start()
+        self._container = container  # held before start(), so close() removes one that started half-way
+        try:
+            self._start(container)
+        except BaseException:
+            self.close()  # `with` calls __exit__ only after __enter__ returned
+            raise
+        return self
+
+    def _start(self, container: Any) -> None:
+        try:
+            container.start()
+        except Exception as exc:  # noqa: BLE001 - docker's errors are many; the user's next step is the same
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UnreachableError(f"The MinIO container did not start ({first}); check that Docker can pull and run "
+                                   f"{self.image}, or use --s3-backend moto.") from exc
         host = container.get_container_host_ip()
+        # testcontainers says "localhost" for a local engine; the toxiproxy container resolves that name on its
+        # own (perhaps to ::1), so the upstream it is given is the address the published port surely has.
+        host = "127.0.0.1" if host == "localhost" else host
         self.endpoint_url = f"http://{host}:{container.get_exposed_port(9000)}"
         wait_until(self._live, timeout=60, what=f"MinIO at {self.endpoint_url}")
-        return self
 
     def _live(self) -> bool:
         return httpx.get(self.endpoint_url + "/minio/health/live", timeout=2).status_code == 200

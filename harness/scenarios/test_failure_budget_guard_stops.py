@@ -46,7 +46,11 @@ RUN_STOP_PLACES = ("canary line", "/observer/runs", "archive manifest", "RUN_STO
 
 BUDGET, GUARD = "budget", "guard"
 CANARY_TIMEOUT_S = 60.0
-LOSING_QTY = 10_000
+LOSING_QTY = 20_000  # one cent lower loses 200: past the max_loss default of 100 (10_000 lands on it, not past)
+# How long the losing run may take to lose: the guard normally ends it within a second, so this bound only costs
+# time when the market rises for a while (then a 4 s run could end STREAM_END first: a soak found one). The
+# runbook sets no time for the stop, so a longer bound proves the same thing.
+LOSING_RUN_S = 10
 HEALTHY_RUN_S = 3  # long enough to clear the min_decisions guard with room to spare
 
 
@@ -100,7 +104,7 @@ def _inject_losing(env: QuantLabEnvironment, runbook: Runbook) -> Injected:
     # A size so large that the first dip of a cent below the entry crosses the max_loss guard's default; the
     # strategy's small round-trip losses alone do not always make a loss streak within seconds.
     config = json.dumps({"qty": LOSING_QTY})
-    outcome = kit.canary(env, runbook, seconds=4, strategy="losing", extra=("--strategy-config", config),
+    outcome = kit.canary(env, runbook, seconds=LOSING_RUN_S, strategy="losing", extra=("--strategy-config", config),
                          timeout=CANARY_TIMEOUT_S)
     return Injected(outcome, {"strategy": "losing", "strategy_config": config})
 

@@ -4,8 +4,9 @@
 //   so a starved process that handles a backlog in one burst still decides as often as the feed covered), so a
 //   2 s run clears the min_decisions guard with room to spare and stays below the decision-rate budget
 //   (at most 500 a minute against the default 600).
-// - It buys a small lot and sells it again, but never closes two losing trades in a row, so the loss-streak
-//   guard cannot fire by chance; prices come from ctx.price() when the runtime offers it, else the last trade,
+// - It buys a small lot and sells it again, but never closes two losing trades without a winning one between
+//   them (the guard's streak counts falling realised-PnL steps across symbols and carries over break-even exits),
+//   so the loss-streak guard cannot fire by chance; prices come from ctx.price() when the runtime offers it, else the last trade,
 //   mid or mark price of the event stream.
 export default class SteadyStrategy {
   constructor(config = {}) {
@@ -43,7 +44,9 @@ export default class SteadyStrategy {
     const symbol = event.symbol;
     const lot = this.lots.get(symbol) || { qty: 0, avg: 0 };
     if (!first && lot.qty > 0 && (price >= lot.avg || !this.lastExitLost)) {
-      this.lastExitLost = price < lot.avg;
+      // An exit at the entry price realises nothing, and the guard's streak carries over it: only a gain ends it.
+      if (price < lot.avg) this.lastExitLost = true;
+      else if (price > lot.avg) this.lastExitLost = false;
       this.lots.delete(symbol);
       return { symbol, side: 'SELL', qty: lot.qty };
     }

@@ -3,6 +3,7 @@
 // run's internal events, with QuantLab's declared reconnect policy.
 import WsWebSocket from 'ws';
 import { envBool } from '../lib/env.js';
+import { RecentIds } from './RecentIds.js';
 
 /** Hard-coded as in QuantLab; tests and the harness redirect it with a Node preload. */
 export const BINANCE_FUTURES_WS = 'wss://fstream.binance.com';
@@ -10,6 +11,8 @@ export const EXCHANGE = 'binance';
 export const LIVE_WS_DISABLED = 'CORE_LIVE_WS_DISABLED';
 
 const STREAM_SUFFIXES = ['bookTicker', 'aggTrade', 'markPrice@1s'];
+/** Binance frames are well under a kilobyte; anything this big is junk and is not even parsed. */
+export const MAX_FRAME_BYTES = 1024 * 1024;
 
 /** QuantLab's declared policy; every value can be overridden for tests. */
 export const RECONNECT_DEFAULTS = Object.freeze({
@@ -94,6 +97,37 @@ function markPriceEvents(d, base) {
 
 const PARSERS = { bookTicker: bookTickerEvents, aggTrade: aggTradeEvents, markPrice: markPriceEvents };
 const EVENT_TYPES = { bookTicker: 'bookTicker', aggTrade: 'aggTrade', markPriceUpdate: 'markPrice' };
+/** The exchange's own id of a frame, per kind: what makes a resent frame recognisable. */
+const ID_FIELDS = { bookTicker: 'u', aggTrade: 'a', markPrice: 'E' };
+
+/**
+ * One combined-stream frame decoded: its internal events ([] for anything that is not a usable frame),
+ * and the (symbol, stream) key and exchange id that identify it (id null when the frame carries none).
+ * @param {string} text
+ * @param {{now?:() => number}} [opts]
+ * @returns {{events:object[], key:string|null, id:string|number|null}}
+ */
+export function decodeFrame(text, { now = Date.now } = {}) {
+  const none = { events: [], key: null, id: null };
+  let frame;
+  try {
+    frame = JSON.parse(text);
+  } catch {
+    return none;
+  }
+  if (!frame || typeof frame !== 'object' || typeof frame.stream !== 'string') return none;
+  const data = frame.data;
+  if (!data || typeof data !== 'object' || Array.isArray(data)) return none;
+  const [streamSymbol, kindPart = ''] = frame.stream.split('@');
+  // The stream name decides the kind; the payload's own type is the fallback.
+  const kind = PARSERS[kindPart] ? kindPart : EVENT_TYPES[data.e];
+  const symbol = String(typeof data.s === 'string' && data.s ? data.s : streamSymbol).toUpperCase();
+  if (!kind || !symbol) return none;
+  const events = PARSERS[kind](data, { ts_recv: now(), exchange: EXCHANGE, symbol });
+  const rawId = data[ID_FIELDS[kind]];
+  const id = (typeof rawId === 'number' && Number.isFinite(rawId)) || (typeof rawId === 'string' && rawId !== '') ? rawId : null;
+  return { events, key: `${symbol}|${kind}`, id };
+}
 
 /**
  * Internal events from one combined-stream frame; [] for anything that is not a usable frame.
@@ -102,21 +136,18 @@ const EVENT_TYPES = { bookTicker: 'bookTicker', aggTrade: 'aggTrade', markPriceU
  * @returns {object[]}
  */
 export function parseFrame(text, { now = Date.now } = {}) {
-  let frame;
-  try {
-    frame = JSON.parse(typeof text === 'string' ? text : String(text));
-  } catch {
-    return [];
-  }
-  if (!frame || typeof frame !== 'object' || typeof frame.stream !== 'string') return [];
-  const data = frame.data;
-  if (!data || typeof data !== 'object' || Array.isArray(data)) return [];
-  const [streamSymbol, kindPart = ''] = frame.stream.split('@');
-  // The stream name decides the kind; the payload's own type is the fallback.
-  const kind = PARSERS[kindPart] ? kindPart : EVENT_TYPES[data.e];
-  const symbol = String(typeof data.s === 'string' && data.s ? data.s : streamSymbol).toUpperCase();
-  if (!kind || !symbol) return [];
-  return PARSERS[kind](data, { ts_recv: now(), exchange: EXCHANGE, symbol });
+  return decodeFrame(typeof text === 'string' ? text : String(text), { now }).events;
+}
+
+/**
+ * Size of a message's payload: bytes, or for text its length (the same for the ASCII Binance sends).
+ * @param {unknown} data
+ * @returns {number}
+ */
+function messageSize(data) {
+  if (typeof data === 'string') return data.length;
+  if (Buffer.isBuffer(data) || data instanceof ArrayBuffer) return data.byteLength;
+  return 0;
 }
 
 /**
@@ -176,10 +207,11 @@ export class BinanceFuturesStream {
   /**
    * @param {{symbols:string[], onEvent:(event:object) => void, onStatus?:(status:object) => void,
    *   env?:Record<string,string|undefined>, url?:string, reconnect?:object, WebSocketImpl?:any,
-   *   now?:() => number}} opts
+   *   now?:() => number, maxFrameBytes?:number, dedupe?:{window?:number, maxKeys?:number}}} opts
    *   url and WebSocketImpl exist for unit tests; QuantLab always uses streamUrl(symbols).
    */
-  constructor({ symbols, onEvent, onStatus = () => {}, env = process.env, url, reconnect = {}, WebSocketImpl, now = Date.now }) {
+  constructor({ symbols, onEvent, onStatus = () => {}, env = process.env, url, reconnect = {}, WebSocketImpl, now = Date.now,
+    maxFrameBytes = MAX_FRAME_BYTES, dedupe = {} }) {
     this.symbols = symbols;
     this.onEvent = onEvent;
     this.onStatus = onStatus;
@@ -193,7 +225,13 @@ export class BinanceFuturesStream {
     this.timer = null;
     this.stopped = false;
     this.gotData = false;
-    this.stats = { connect_count: 0, reconnect_count: 0, frame_count: 0, junk_frame_count: 0, event_count: 0 };
+    this.maxFrameBytes = maxFrameBytes;
+    // Frames seen lately, so a frame the exchange sends twice (same symbol, stream and id) counts once.
+    this.recent = new RecentIds(dedupe);
+    this.stats = {
+      connect_count: 0, reconnect_count: 0, frame_count: 0, junk_frame_count: 0, event_count: 0,
+      duplicate_frame_count: 0, oversize_frame_count: 0,
+    };
   }
 
   /** Connect; throws Error('CORE_LIVE_WS_DISABLED') when live ingest is off. */
@@ -252,13 +290,19 @@ export class BinanceFuturesStream {
   }
 
   /**
-   * Parse one message and pass its events on; junk is counted and ignored.
+   * Parse one message and pass its events on; junk is counted and ignored, and so is a frame
+   * already seen (same symbol, stream and exchange id).
    * @param {unknown} data
    */
   handleMessage(data) {
     this.stats.frame_count += 1;
+    if (messageSize(data) > this.maxFrameBytes) {
+      this.stats.oversize_frame_count += 1;
+      this.stats.junk_frame_count += 1;
+      return;
+    }
     const text = messageText(data);
-    const events = text === null ? [] : parseFrame(text, { now: this.now });
+    const { events, key, id } = text === null ? { events: [], key: null, id: null } : decodeFrame(text, { now: this.now });
     if (events.length === 0) {
       this.stats.junk_frame_count += 1;
       return;
@@ -266,6 +310,10 @@ export class BinanceFuturesStream {
     if (!this.gotData) {
       this.gotData = true;
       this.policy.reset();
+    }
+    if (id !== null && this.recent.seen(key, id)) {
+      this.stats.duplicate_frame_count += 1;
+      return;
     }
     for (const event of events) {
       this.stats.event_count += 1;

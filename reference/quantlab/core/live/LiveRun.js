@@ -440,6 +440,7 @@ export class LiveRun {
       duration_ms: this.finishedAt.getTime() - this.startedAtMs, ordering_mode: this.orderingMode,
       execution_mode: this.executionMode, ordering_violation_count: this.orderingViolations,
       frame_count: source.frame_count ?? 0, junk_frame_count: source.junk_frame_count ?? 0,
+      duplicate_frame_count: source.duplicate_frame_count ?? 0, oversize_frame_count: source.oversize_frame_count ?? 0,
       connect_count: source.connect_count ?? 0, reconnect_count: source.reconnect_count ?? 0,
       budget_pressure: this.budgets.pressure(this.budgetState()), ...this.guards.summary(),
     };
