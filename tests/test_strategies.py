@@ -82,11 +82,10 @@ def test_steady_never_trips_a_guard_even_when_exits_break_even() -> None:
 
 
 def test_steady_as_it_was_fails_the_same_check(tmp_path: Path) -> None:
-    """The check can fail: steady before the soak forgot a loss after a break-even exit, and tripped the streak."""
+    """The check can fail: a steady that exits whatever the last exit did trips the streak."""
     naive = tmp_path / "steady_before.mjs"
     naive.write_text((STRATEGIES / "steady.js").read_text().replace(
-        "if (price < lot.avg) this.lastExitLost = true;\n      else if (price > lot.avg) this.lastExitLost = false;",
-        "this.lastExitLost = price < lot.avg;"))
+        "(clearlyWinning || !this.lastExitLost)", "(true)"))
     assert naive.read_text() != (STRATEGIES / "steady.js").read_text()
     assert simulate(naive, events=600, flat=True)["tripped"] > 0
 
@@ -100,3 +99,12 @@ def test_a_strategy_that_does_not_lose_is_reported_untripped() -> None:
     """The same market and guards leave a harmless strategy alone: 'tripped' is not the simulator's default."""
     result = simulate(STRATEGIES / "steady.js", runs=50)
     assert result["tripped"] == 0 and len(result["untripped"]) == 50
+
+
+def test_the_twins_live_unit_strategy_never_trips_a_guard() -> None:
+    """quantlab-live.service runs the twin's canary strategy for as long as the unit lives: it must be guard-safe."""
+    canary = PROJECT_ROOT / "reference" / "quantlab" / "strategies" / "canary-strategy.js"
+    for flat in (False, True):
+        result = simulate(canary, events=600, flat=flat, config={"min_interval_ms": 0})
+        assert result["tripped"] == 0, result
+        assert result["exits"] > 0, "the strategy never traded, so the check proved nothing"

@@ -43,14 +43,16 @@ export default class SteadyStrategy {
     this.lastAt = now;
     const symbol = event.symbol;
     const lot = this.lots.get(symbol) || { qty: 0, avg: 0 };
-    if (!first && lot.qty > 0 && (price >= lot.avg || !this.lastExitLost)) {
-      // An exit at the entry price realises nothing, and the guard's streak carries over it: only a gain ends it.
-      if (price < lot.avg) this.lastExitLost = true;
-      else if (price > lot.avg) this.lastExitLost = false;
+    // An exit counts as a win only when it clearly beats the entry: a break-even exit may realise a rounding-sized
+    // loss in the target's fill engine, and the guard's streak carries over it, so it is treated like a loss.
+    const clearlyWinning = price > lot.avg * (1 + 1e-9);
+    if (!first && lot.qty > 0 && (clearlyWinning || !this.lastExitLost)) {
+      this.lastExitLost = !clearlyWinning;
       this.lots.delete(symbol);
       return { symbol, side: 'SELL', qty: lot.qty };
     }
-    lot.avg = (lot.qty * lot.avg + this.qty * price) / (lot.qty + this.qty);
+    // Like the fill engine: opening from flat takes the price as is.
+    lot.avg = lot.qty === 0 ? price : (lot.qty * lot.avg + this.qty * price) / (lot.qty + this.qty);
     lot.qty += this.qty;
     this.lots.set(symbol, lot);
     return { symbol, side: 'BUY', qty: this.qty };

@@ -3,8 +3,9 @@
 //
 // It decides on every `every`-th event (default 2) but at most once per `min_interval_ms` of receive
 // time (default 200 ms, so at most 300 decisions a minute, half the default rate budget), alternating
-// BUY and SELL per symbol. A SELL that would realise a loss is held back when the previous exit of that
-// symbol already lost, so it never realises two losses in a row (the loss_streak guard default is 3).
+// BUY and SELL per symbol. An exit that does not clearly win is not taken while the last exit (of any symbol) did
+// not clearly win either (it buys one more lot instead), so losses are never realised back to back: the
+// loss_streak guard counts falling realised-PnL steps across symbols, and a break-even exit ends no streak.
 
 const DEFAULTS = { every: 2, qty: 0.001, min_interval_ms: 200 };
 
@@ -14,8 +15,10 @@ export default class CanaryStrategy {
     this.config = { ...DEFAULTS, ...config };
     this.seen = 0;
     this.lastDecisionTs = -Infinity;
-    /** @type {Map<string, {entry:number|null, lastExitLost:boolean}>} per-symbol round-trip state */
+    /** @type {Map<string, {qty:number, avg:number}>} per-symbol open lot */
     this.books = new Map();
+    /** whether the last exit that realised anything lost (any symbol: the guard's streak is per run) */
+    this.lastExitLost = false;
   }
 
   /**
@@ -37,22 +40,28 @@ export default class CanaryStrategy {
   }
 
   /**
-   * BUY when flat; SELL the open lot unless that would be a second losing exit in a row.
+   * BUY when flat; SELL the whole lot, unless that would be a second exit in a row that does not clearly win:
+   * then BUY one more lot instead (a decision all the same, so the run keeps clearing min_decisions).
    * @param {string} symbol
    * @param {number} price
-   * @returns {{symbol:string, side:'BUY'|'SELL', qty:number} | null}
+   * @returns {{symbol:string, side:'BUY'|'SELL', qty:number}}
    */
   decide(symbol, price) {
-    const book = this.books.get(symbol) || { entry: null, lastExitLost: false };
+    const book = this.books.get(symbol) || { qty: 0, avg: 0 };
     this.books.set(symbol, book);
-    if (book.entry === null) {
-      book.entry = price;
-      return { symbol, side: 'BUY', qty: this.config.qty };
+    // Only an exit that clearly beats the entry counts as a win: a break-even one may realise a rounding-sized
+    // loss in the fill engine, and the guard's streak carries over it.
+    const clearlyWinning = price > book.avg * (1 + 1e-9);
+    if (book.qty > 0 && (clearlyWinning || !this.lastExitLost)) {
+      this.lastExitLost = !clearlyWinning;
+      const qty = book.qty;
+      book.qty = 0;
+      book.avg = 0;
+      return { symbol, side: 'SELL', qty };
     }
-    const losing = price < book.entry;
-    if (losing && book.lastExitLost) return null;
-    book.lastExitLost = losing;
-    book.entry = null;
-    return { symbol, side: 'SELL', qty: this.config.qty };
+    // Averaged like the fill engine does; opening from flat takes the price as is.
+    book.avg = book.qty === 0 ? price : (book.qty * book.avg + this.config.qty * price) / (book.qty + this.config.qty);
+    book.qty += this.config.qty;
+    return { symbol, side: 'BUY', qty: this.config.qty };
   }
 }

@@ -58,7 +58,9 @@ export class PaperBook {
       pos.avg = Math.sign(remaining) === Math.sign(pos.qty) ? pos.avg : price;
       pos.qty = remaining;
     } else {
-      pos.avg = (pos.qty * pos.avg + signed * price) / (pos.qty + signed);
+      // Opening from flat takes the price as is: (0 * avg + q * p) / q is not always p in floating point, and a
+      // break-even exit would then realise a tiny loss.
+      pos.avg = pos.qty === 0 ? price : (pos.qty * pos.avg + signed * price) / (pos.qty + signed);
       pos.qty += signed;
     }
     if (Math.abs(pos.qty) < 1e-12) pos.qty = 0;
