@@ -261,6 +261,15 @@ class QuantLabEnvironment(AbstractContextManager):
         """Runs `node <script> args` in the checkout with this environment's settings (plus `env`, minus `unset`)."""
         return self.run_command(("node", str(script), *args), env=env, unset=unset, timeout=timeout)
 
+    def command_env(self, extra: Mapping[str, str] | None = None, unset: Sequence[str] = ()) -> dict[str, str]:
+        """The environment of a target command run on the host: a minimal base, this environment's settings and
+        plumbing, then `extra`, minus `unset`."""
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workdir), "LANG": "C.UTF-8",
+                    **self.quantlab_env(), **self.plumbing_env(), **(extra or {})}
+        for name in unset:
+            full_env.pop(name, None)
+        return full_env
+
     def note_wait(self, reason: str, seconds: float) -> None:
         """Records a wait the scenario needs by nature (benchmarks compare the suite's wall time with their sum)."""
         self.inherent_waits.append((reason, float(seconds)))
@@ -269,14 +278,8 @@ class QuantLabEnvironment(AbstractContextManager):
                     timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
         if "--duration-seconds" in argv[:-1]:
             self.note_wait("live run length", float(argv[list(argv).index("--duration-seconds") + 1]))
-        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workdir), "LANG": "C.UTF-8"}
-        full_env.update(self.quantlab_env())
-        full_env.update(self.plumbing_env())
-        full_env.update(env or {})
-        for name in unset:
-            full_env.pop(name, None)
         try:
-            return run_process(argv, cwd=self.target.root, env=full_env, timeout=timeout)
+            return run_process(argv, cwd=self.target.root, env=self.command_env(env, unset), timeout=timeout)
         except CommandNotFound as exc:
             raise MissingToolError(str(exc)) from exc
 

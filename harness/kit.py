@@ -166,8 +166,7 @@ def _spawn_canary(env: QuantLabEnvironment, runbook: Runbook, seconds: int, stra
         raise AssertionError(f"the runbook {runbook.path} has no canary command to start a live run with")
     argv = canary_argv(runbook.canary.argv, env.strategy(strategy), None, seconds)
     # The same environment as QuantLabEnvironment.run_command, but the process runs in the background.
-    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env.workdir), "LANG": "C.UTF-8",
-                **env.quantlab_env(), **env.plumbing_env(), **CHANCE_GUARDS_OFF}
+    full_env = env.command_env(CHANCE_GUARDS_OFF)
     log = env.workdir / "background-canary.log"
     with log.open("ab") as out:
         process = subprocess.Popen(argv, cwd=env.target.root, env=reaper.child_env(full_env), stdout=out,
