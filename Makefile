@@ -7,12 +7,13 @@ TWIN := reference/quantlab
 NODE_TEST_FLAGS ?= --test-concurrency=2
 PYTEST_FLAGS ?= -n auto
 
-.PHONY: bootstrap browser test test-twin test-harness chaos clean help
+.PHONY: bootstrap browser prepare-target test test-twin test-harness chaos clean help
 
 help:
 	@echo "make chaos      run the chaos suite against the twin (reports in reports/)"
 	@echo "make test       run every test suite (the twin's node tests and pytest)"
 	@echo "make bootstrap  install what is missing: .venv, the twin's npm packages, toxiproxy"
+	@echo "make prepare-target  unpack the real QuantLab snapshot (../shared/targets/) into ~/.cache/quantlab-chaos and npm ci it"
 	@echo "make soak       the chaos suite SOAK_N times (20); fails on any outcome that differs (SOAK_PRESSURE=1: busy CPUs)"
 
 bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready tools/allure/node_modules/.installed
@@ -48,6 +49,11 @@ $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
 	./tools/install-toxiproxy.sh
 	@touch $@
 
+# The real QuantLab snapshot in ../shared/targets/, unpacked and installed outside the project (a no-op when it is
+# already prepared, skipped when absent); tests/test_real_target.py runs the chaos suite on it.
+prepare-target:
+	$(PYTHON) tools/prepare_target.py
+
 test: bootstrap browser test-twin test-harness
 
 chaos: bootstrap
@@ -56,12 +62,12 @@ chaos: bootstrap
 test-twin: bootstrap
 	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_FLAGS) test/
 
-test-harness: bootstrap
+test-harness: bootstrap prepare-target
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
 clean:
 	rm -rf $(VENV) .tools $(TWIN)/node_modules tools/allure/node_modules
-	cd reports && rm -rf allure-results allure-report bench-suite soak *.json *.xml summary.md soak.md
+	cd reports && rm -rf allure-results allure-report bench-suite soak real-target *.json *.xml summary.md soak.md
 
 # Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1.
 .PHONY: bench

@@ -101,5 +101,5 @@ def _suite(reports: Path, workers: str) -> dict[str, Any]:
         "scenario_time_s": timing.get("scenario_time_s"), "inherent_wait_s": timing.get("inherent_wait_s") or 0.0,
         "tests": sum(len(row.get("tests", [])) for row in summary.get("items", [])),
         "totals": summary.get("totals", {}),
-        "failed": [row["id"] for row in summary.get("items", []) if row.get("status") == "fail"],
+        "failed": [row["id"] for row in summary.get("items", []) if row.get("outcome") != "pass"],
     }

@@ -130,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab-chaos", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    main_job = commands.add_parser("run", help="the chaos suite against the target, with reports (the main job)")
+    main_job = commands.add_parser(
+        "run", help="the chaos suite against the target, with reports (the main job)",
+        description="Runs every runbook scenario against the target. Each scenario and runbook item ends in one "
+                    "outcome: pass; fail (the system does not do what the runbook says); drift (the runbook's text "
+                    "disagrees with the units or code); blocked (the steady state could not be reached before any "
+                    "fault, naming the item that blocks it); error (the harness itself failed).",
+        epilog="Exit codes: 0 every item passed; 1 any item is fail, drift or blocked; 3 any is error (the harness's "
+               "own failure); 2 bad input. Reports: summary.md, summary.json, junit.xml, allure-results/.")
     _add_target_options(main_job)
     main_job.add_argument("-n", default="auto", help="parallel workers (pytest-xdist; default auto, 0 for serial)")
     main_job.add_argument("--only", action="append", metavar="ITEM", help="only this runbook item (repeatable)")

@@ -6,6 +6,7 @@ The long-lived parts (S3 server, toxiproxy server) are shared per process and pa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from canary.checks import TargetUnreachable
 from canary.process import CommandNotFound, CommandResult, run_process
 from harness import reaper
 from harness.errors import ConfigError, HarnessError, MissingToolError
@@ -26,8 +28,14 @@ from harness.fakes.binance import FakeBinance
 from harness.fakes.node import BINANCE_FUTURES_WS, node_options_with_preload, url_map_env
 from harness.fakes.s3 import Bucket, S3Server, open_s3
 from harness.fakes.toxiproxy import ChaosProxy, ToxiproxyServer
+from harness.isolation import PortLocks, current_isolation
+from harness.journal import RunbookViolation
 from harness.ports import free_port
-from harness.services import ServiceStatus, Supervisor
+from harness.outcomes import SteadyStateNotReached
+from harness.readiness import ServiceReadiness, listening_ports
+from harness.readiness import not_installed as not_installed_line
+from harness.runbook import Runbook
+from harness.services import ServiceFailed, ServiceStatus, Supervisor
 from harness.target import ServiceRole, Target
 from harness.units import EnvFile, ServiceSpec, is_secret_name, load_service, write_env_file
 
@@ -40,7 +48,9 @@ COMMAND_TIMEOUT_S = 120.0
 
 @dataclass
 class ServiceWiring:
-    """How one unit runs in this environment."""
+    """How one unit runs in this environment. `port` is the port the unit is configured to listen on and
+    `port_source` says who set it: "unit" (its own Environment=), "harness" (written into its env file, as an
+    operator would), or None (neither: the harness learns it by watching the process listen)."""
 
     role: ServiceRole
     unit_path: Path
@@ -48,6 +58,7 @@ class ServiceWiring:
     port: int | None
     spec: ServiceSpec | None = None
     error: HarnessError | None = None
+    port_source: str | None = None
 
 
 @dataclass
@@ -64,8 +75,10 @@ class QuantLabEnvironment(AbstractContextManager):
     """A target's services with their own token, bucket, proxies, spool, state and env files."""
 
     def __init__(self, target: Target, workdir: Path, *, s3: S3Server, toxiproxy: ToxiproxyServer,
-                 exchange: FakeBinance, settings: Settings | None = None, name: str = "ql") -> None:
+                 exchange: FakeBinance, settings: Settings | None = None, name: str = "ql",
+                 runbook: Runbook | None = None) -> None:
         self.target = target
+        self.runbook = runbook
         self.workdir = Path(workdir)
         self.s3_server = s3
         self.toxiproxy = toxiproxy
@@ -95,8 +108,15 @@ class QuantLabEnvironment(AbstractContextManager):
             self._stack.callback(self.bucket.delete)
             self.s3_proxy = self.toxiproxy.create_proxy(f"{self.name}_s3", _host_port(self.s3_server.endpoint_url))
             self.exchange_proxy = self.toxiproxy.create_proxy(f"{self.name}_exchange", f"{self.exchange.host}:{self.exchange.port}")
-            self.supervisor = self._stack.enter_context(Supervisor(self.workdir / "journal", honour_user=False))
             self._wire_services()
+            # Entered before the supervisor, so the locks are released only after every service has stopped.
+            self.port_locks = self._stack.enter_context(
+                PortLocks(self.fixed_ports(), isolation=current_isolation(), what=f"environment {self.name}"))
+            self.supervisor = self._stack.enter_context(Supervisor(self.workdir / "journal", honour_user=False))
+            for wiring in self.services.values():
+                if wiring.spec is not None and wiring.error is None:
+                    self.supervisor.add(wiring.role.role, wiring.spec, override_env=self.plumbing_env(),
+                                        readiness=self._readiness(wiring))
         except BaseException:
             self.close()
             raise
@@ -162,37 +182,89 @@ class QuantLabEnvironment(AbstractContextManager):
         return found
 
     def service_env(self, service: str) -> dict[str, str]:
+        """What the harness writes into the service's env file: QuantLab's settings, and the listen port only
+        where the harness chose it (a port the unit sets itself stays the unit's: an env file would override it)."""
         wiring = self.wiring(service)
         env = self.quantlab_env()
-        if wiring.role.port_env and wiring.port:
+        if wiring.role.port_env and wiring.port and wiring.port_source == "harness":
             env[wiring.role.port_env] = str(wiring.port)
         return env
+
+    def fixed_ports(self) -> list[int]:
+        """Ports this environment cannot choose: the ones its units set, and the runbook's observer port. Where
+        environments share the host's network, these are locked so two environments never use one at once."""
+        ports = {w.port for w in self.services.values() if w.port and w.port_source == "unit"}
+        runbook_port = self.runbook_observer_port()
+        if runbook_port:
+            ports.add(runbook_port)
+        return sorted(ports)
+
+    def runbook_observer_port(self) -> int | None:
+        """The observer port the runbook's health-check requests name (127.0.0.1:9150 in QuantLab's runbook)."""
+        checks = self.runbook.health_checks if self.runbook is not None else []
+        local = [r for r in checks if r.host in ("127.0.0.1", "localhost")]
+        return local[0].port if local else None
 
     def _wire_services(self) -> None:
         for unit, role in self.target.services.items():
             unit_path = self.target.units[unit]
-            port = free_port() if role.port_env else None
-            wiring = ServiceWiring(role=role, unit_path=unit_path, env_file=None, port=port)
+            wiring = ServiceWiring(role=role, unit_path=unit_path, env_file=None, port=None)
             self.services[role.role] = wiring
             try:
                 wiring.spec = load_service(unit_path, checkout=self.target.root, env_file_map=self._env_file_for)
             except HarnessError as exc:
                 wiring.error = exc  # reported when the service is started, so one odd unit does not stop the rest
                 continue
+            wiring.spec = self._outputs_outside_checkout(wiring.spec)
             refs = [ref.path for ref in wiring.spec.environment_files]
             wiring.env_file = refs[0] if refs else None
+            self._choose_port(wiring)
             if wiring.env_file is not None:
                 write_env_file(wiring.env_file, self.service_env(role.role))
-            self.supervisor.add(role.role, wiring.spec, override_env=self.plumbing_env(),
-                                readiness=self._readiness(wiring))
+
+    def _outputs_outside_checkout(self, spec: ServiceSpec) -> ServiceSpec:
+        """StandardOutput=append:<root>/x.log would write into the checkout: such files go to this environment's
+        logs folder instead, so the checkout is never changed (the supervisor's journal has the lines too)."""
+        changes = {}
+        for label in ("standard_output", "standard_error"):
+            output = getattr(spec, label)
+            if output is not None and output.path is not None and output.path.is_relative_to(self.target.root):
+                relative = output.path.relative_to(self.target.root)
+                (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+                changes[label] = dataclasses.replace(output, path=self.workdir / "logs" / "_".join(relative.parts))
+        return dataclasses.replace(spec, **changes) if changes else spec
+
+    def _choose_port(self, wiring: ServiceWiring) -> None:
+        port_env = wiring.role.port_env
+        assert wiring.spec is not None
+        unit_value = wiring.spec.env_dict.get(port_env or "")
+        if port_env and unit_value and unit_value.isdigit():
+            wiring.port, wiring.port_source = int(unit_value), "unit"
+        elif port_env and wiring.env_file is not None:
+            # The operator's env file sets the port: the runbook's observer port for the observer, else any free one.
+            runbook_port = self.runbook_observer_port() if wiring.role.role == "observer" else None
+            wiring.port, wiring.port_source = runbook_port or free_port(), "harness"
 
     def _env_file_for(self, production_path: Path) -> Path:
         return self.env_dir / Path(production_path).name
 
-    def _readiness(self, wiring: ServiceWiring) -> str | None:
-        if wiring.role.port_env and wiring.role.health_path and wiring.port:
-            return f"http://127.0.0.1:{wiring.port}{wiring.role.health_path}"
-        return None
+    def _readiness(self, wiring: ServiceWiring) -> ServiceReadiness | None:
+        if wiring.port is None:
+            return None  # no port to judge by: up once its process runs
+        return ServiceReadiness(lambda: self._main_pid(wiring.role.role), wiring.port, wiring.role.health_path,
+                                sure=wiring.port_source == "unit" or wiring.role.declared)
+
+    def _main_pid(self, name: str) -> int | None:
+        return self.supervisor.status(name).main_pid
+
+    def listening_ports(self, service: str) -> list[int]:
+        """The TCP ports the service's processes listen on now, seen from outside (the process table)."""
+        wiring = self.wiring(service)
+        try:
+            pid = self.supervisor.status(wiring.role.role).main_pid
+        except HarnessError:
+            return []
+        return sorted(listening_ports(pid)) if pid else []
 
     # -- services (systemctl-like) --------------------------------------------------------------------
 
@@ -207,7 +279,30 @@ class QuantLabEnvironment(AbstractContextManager):
         return wiring.role.role
 
     def start(self, service: str, timeout: float = 30.0, *, check: bool = True) -> ServiceStatus:
-        return self.supervisor.start(self._name(service), timeout=timeout, check=check)
+        """Starts a unit like `systemctl start`. A unit that cannot run because the checkout is not completely
+        installed or built here makes the scenario blocked (SteadyStateNotReached), never a verdict on the system."""
+        name = self._name(service)
+        try:
+            status = self.supervisor.start(name, timeout=timeout, check=check)
+        except ServiceFailed as exc:
+            raise self.not_installed(name) or exc
+        if not status.active and status.result != "success":
+            blocked = self.not_installed(name)
+            if blocked is not None:
+                raise blocked
+        return status
+
+    def not_installed(self, name: str) -> SteadyStateNotReached | None:
+        """Blocked, when the unit's journal says the checkout lacks an installed dependency or a build, else None."""
+        name = self._name(name)
+        line = not_installed_line(self.supervisor.logs(name, lines=200))
+        if line is None:
+            return None
+        unit = self.wiring(name).unit_path.relative_to(self.target.root)
+        return SteadyStateNotReached(
+            f"{unit} cannot run here because the checkout is not completely installed or built: {line!r}. Install "
+            f"the checkout as it is deployed (npm ci with its install scripts, its Python requirements, its build "
+            f"step) and run again; the harness does not judge a unit it cannot bring up")
 
     def stop(self, service: str) -> ServiceStatus:
         return self.supervisor.stop(self._name(service))
@@ -225,7 +320,10 @@ class QuantLabEnvironment(AbstractContextManager):
         """Changes the service's env file the way an operator edits /etc/quantlab/<name>.env (takes effect on restart)."""
         wiring = self.wiring(service)
         if wiring.env_file is None:
-            raise ConfigError(f"The unit {wiring.unit_path} has no EnvironmentFile=; its env cannot be edited.")
+            # The runbook's step cannot be carried out on this unit: a fact about the system, not the harness's trouble.
+            raise RunbookViolation(f"{wiring.unit_path.relative_to(self.target.root)} has no EnvironmentFile=, so no "
+                                   f"env file reaches it: setting {', '.join([*(set or {}), *unset])} in an env file "
+                                   f"cannot change what it runs with")
         values = dict(EnvFile.read(wiring.env_file).values) if wiring.env_file.exists() else {}
         values.update(set or {})
         for name in unset:
@@ -233,23 +331,44 @@ class QuantLabEnvironment(AbstractContextManager):
         return write_env_file(wiring.env_file, values)
 
     def port(self, service: str) -> int:
+        """The port the service is configured to listen on, else the one it is seen listening on."""
         wiring = self.wiring(service)
-        if wiring.port is None:
-            raise ConfigError(f"The service {service} listens on no port the harness knows.")
-        return wiring.port
+        if wiring.port is not None:
+            return wiring.port
+        seen = self.listening_ports(service)
+        if not seen:
+            raise ConfigError(f"The service {service} is configured with no port the harness knows, and listens on none "
+                              f"now. Give it one in .quantlab-chaos.toml (port_env) if it serves HTTP.")
+        return seen[0]
 
     @property
     def observer_url(self) -> str:
+        """Where the runbook's observer requests go: the runbook's own host and port (inside this environment's
+        network namespace, or under a port lock), else the observer unit's port."""
+        port = self.runbook_observer_port()
+        return f"http://127.0.0.1:{port}" if port else self.observer_unit_url
+
+    @property
+    def observer_unit_url(self) -> str:
+        """Where the observer unit is configured to listen (its Environment=, or the env file the harness wrote)."""
         return f"http://127.0.0.1:{self.port('observer')}"
 
     def observer(self, method: str, path: str, *, token: str | None = None, headers: Mapping[str, str] | None = None,
                  timeout: float = 5.0) -> httpx.Response:
         """One request to the observer; `token=None` sends this environment's token, `token=''` none."""
+        __tracebackhide__ = True  # its arguments hold the bearer token: never in a traceback
         sent = dict(headers or {})
         bearer = self.token if token is None else token
         if bearer and "Authorization" not in sent:
             sent["Authorization"] = f"Bearer {bearer}"
-        response = httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout)
+        try:
+            response = httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout)
+        except httpx.TransportError as exc:
+            self.http_log.append({"method": method, "path": path, "authorization": "sent" if "Authorization" in sent
+                                  else "none", "status": None, "body": f"no answer: {type(exc).__name__}"})
+            # Where the runbook says the observer listens, nothing answered: a fact about the system as deployed.
+            raise TargetUnreachable(f"nothing answered {method} {self.observer_url}{path} ({type(exc).__name__}: "
+                                    f"{exc})") from None
         self.http_log.append({"method": method, "path": path, "authorization": "sent" if "Authorization" in sent else "none",
                               "status": response.status_code, "body": response.text[:500]})
         return response

@@ -16,6 +16,7 @@ from typing import Any
 
 import allure
 
+from harness.outcomes import SteadyStateNotReached
 from harness.runbook import RunbookItem, Source
 
 
@@ -88,8 +89,26 @@ class Journal:
         finally:
             step.duration_s = time.monotonic() - started
 
-    def steady_state(self, description: str) -> Any:
-        return self.step("steady_state", description)
+    @contextmanager
+    def steady_state(self, description: str, *, needs: str | None = None) -> Iterator[Step]:
+        """The steady state before any fault. Whatever keeps it from being reached (a service that does not start,
+        an expectation that does not hold, the canary failing) makes the scenario `blocked`, not failed: `needs` is
+        the runbook item whose own failure would block it (a service that does not start blocks on start-stop)."""
+        from canary.checks import TargetUnreachable
+        from harness.services import ServiceFailed
+
+        try:
+            with self.step("steady_state", description) as step:
+                yield step
+        except SteadyStateNotReached:
+            raise
+        except ServiceFailed as exc:
+            raise SteadyStateNotReached(f"{description}: {exc}", blocked_by=needs or "start-stop") from exc
+        except TargetUnreachable as exc:
+            raise SteadyStateNotReached(f"{description}: {exc}", blocked_by=needs or "health-checks") from exc
+        except AssertionError as exc:
+            raise SteadyStateNotReached(f"{description}: {exc}",
+                                        blocked_by=needs or getattr(exc, "blocks_item", None)) from exc
 
     def inject(self, description: str) -> Any:
         self._injected_at = time.monotonic()

@@ -12,17 +12,19 @@ from typing import Any
 import httpx
 
 from canary.checks import (
-    CanaryOutcome, CheckResult, ObserverClient, Runner, audit_entries, canary_argv, check_archive, check_audit, check_canary_line,
-    find_run, run_canary,
+    CanaryOutcome, CheckResult, ObserverClient, Runner, TargetUnreachable, audit_entries, canary_argv, check_archive,
+    check_audit, check_canary_line, find_run, run_canary,
 )
 from canary.process import CommandResult
 from harness import reaper
 from harness.environment import QuantLabEnvironment
-from harness.journal import Snapshot, snapshot
+from harness.journal import RunbookViolation, Snapshot, snapshot, violation
+from harness.outcomes import SteadyStateNotReached
 from harness.ports import wait_until
 from harness.runbook import HttpRequest, Runbook
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT")
+CANARY_ITEM, HEALTH_ITEM, START_STOP_ITEM = "canary", "health-checks", "start-stop"
 NATURAL_END = "STREAM_END"  # CONTRACT section 6: a run that reaches its duration
 
 
@@ -69,7 +71,9 @@ def baseline(env: QuantLabEnvironment, runbook: Runbook) -> tuple[CanaryOutcome,
                         f"({'; '.join(why) or 'no guard or budget entry in the audit'}; "
                         f"{outcome.line.get('emitted_event_count')} events, {outcome.line.get('decision_count')} decisions)")
     if problems:
-        raise AssertionError(f"steady state not reached: the canary failed before any fault was injected: {problems}")
+        raise SteadyStateNotReached(f"a healthy canary run (the runbook's canary command, as written, with a "
+                                    f"harness strategy) failed before any fault was injected: {'; '.join(problems)}",
+                                    blocked_by=CANARY_ITEM)
     return outcome, snapshot(env.audit_dir, env.bucket)
 
 
@@ -100,14 +104,48 @@ def observer_client(env: QuantLabEnvironment, token: str | None = None) -> Obser
     return ObserverClient(env.observer_url, env.token if token is None else token, timeout=5.0, retries=1)
 
 
+class ObserverUnanswered(RunbookViolation):
+    """A runbook request to the observer got no HTTP answer at the runbook's host and port. Before any fault that
+    blocks the scenario on the health-checks item, which proves the observer answers there."""
+
+    blocks_item = HEALTH_ITEM
+
+
 def send(env: QuantLabEnvironment, request: HttpRequest, *, shell_env: Mapping[str, str] | None = None,
          timeout: float = 5.0, **placeholders: str) -> httpx.Response:
     """A runbook curl request as written (method, path, headers with $VARS expanded from `shell_env`, by default
-    the observer's env), sent to this environment's observer instead of the runbook's host and port."""
+    the observer's env), sent to the runbook's host and port (inside this environment's network namespace).
+    No answer at all is a RunbookViolation that says where the observer unit listens instead."""
+    __tracebackhide__ = True  # its arguments and locals hold the bearer token: never in a traceback
     values = env.service_env("observer") if shell_env is None else shell_env
-    # token="": only the headers the runbook writes are sent.
-    return env.observer(request.method, request.url_for("", **placeholders), token="",
-                        headers=request.header_values(values), timeout=timeout)
+    path = request.url_for("", **placeholders)
+    try:
+        # token="": only the headers the runbook writes are sent.
+        return env.observer(request.method, path, token="", headers=request.header_values(values), timeout=timeout)
+    except TargetUnreachable as exc:
+        raise ObserverUnanswered(str(violation(
+            request.source, f"`{request.text}` gets an answer from the observer",
+            f"{exc}; "
+            f"{observer_facts(env, request.method, path)}"))) from None
+
+
+def observer_facts(env: QuantLabEnvironment, method: str = "GET", path: str = "/observer/health") -> str:
+    """Where the observer unit listens, and what the same request answers there: the evidence beside a runbook
+    request that went unanswered or answered unexpectedly."""
+    wiring = env.wiring("observer")
+    configured = (f"configured with {wiring.role.port_env}={wiring.port} by its "
+                  f"{'own Environment=' if wiring.port_source == 'unit' else 'env file'}" if wiring.port else
+                  "configured with no port")
+    seen = env.listening_ports("observer")
+    facts = f"the observer unit {wiring.unit_path.name} is {configured} and listens on {seen or 'no port'}"
+    for port in seen[:2]:
+        url = f"http://127.0.0.1:{port}{path}"
+        try:
+            answer = httpx.request(method, url, headers={"Authorization": f"Bearer {env.token}"}, timeout=3.0)
+            facts += f"; there {method} {path} with the token answers {answer.status_code}"
+        except httpx.TransportError as exc:
+            facts += f"; there {method} {path} got no answer ({type(exc).__name__})"
+    return facts
 
 
 def has_service(env: QuantLabEnvironment, role: str) -> bool:
@@ -136,11 +174,14 @@ def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, s
     else:
         process = _spawn_canary(env, runbook, seconds, strategy)
     try:
-        new = wait_until(lambda: running_ids(client) - before, timeout=timeout, interval=0.1,
-                         what="a new RUNNING run in /observer/runs")
-        run_id = sorted(new)[0]
-        wait_until(lambda: (find_run(client, run_id) or {}).get("last_event_ts"), timeout=timeout, interval=0.2,
-                   what=f"events reaching live run {run_id} (last_event_ts in /observer/runs)")
+        try:
+            new = wait_until(lambda: running_ids(client) - before, timeout=timeout, interval=0.1,
+                             what="a new RUNNING run in /observer/runs")
+            run_id = sorted(new)[0]
+            wait_until(lambda: (find_run(client, run_id) or {}).get("last_event_ts"), timeout=timeout, interval=0.2,
+                       what=f"events reaching live run {run_id} (last_event_ts in /observer/runs)")
+        except TimeoutError as exc:
+            raise _no_live_run(env, client, process, exc) from exc
         yield LiveRun(run_id, "canary" if process else "unit", process)
     finally:
         if process is None:
@@ -154,6 +195,33 @@ def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, s
 # The scenarios that use live_run prove the observer, the kill switch and break-glass, not the guards
 # (test_failure_budget_guard_stops does), so the run they need is one that only they end.
 CHANCE_GUARDS_OFF = {"PROMOTION_GUARD_LOSS_STREAK_ENABLED": "0", "PROMOTION_GUARD_MAX_LOSS_ENABLED": "0"}
+
+
+def _no_live_run(env: QuantLabEnvironment, client: ObserverClient, process: subprocess.Popen[bytes] | None,
+                 exc: TimeoutError) -> SteadyStateNotReached:
+    """Why no live run could be had, named by the runbook item whose own failure explains it."""
+    try:
+        status, body = client.json("/observer/runs")
+    except TargetUnreachable as unreachable:
+        return SteadyStateNotReached(f"a live run listed by the observer: {unreachable}; {observer_facts(env, 'GET', '/observer/runs')}",
+                                     blocked_by=HEALTH_ITEM)
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("runs"), list):
+        return SteadyStateNotReached(f"a live run listed by the observer: GET {client.base_url}/observer/runs "
+                                     f"answered {status} {str(body)[:120]}", blocked_by=HEALTH_ITEM)
+    if process is not None and process.poll() is not None:
+        log = (env.workdir / "background-canary.log").read_text(errors="replace")
+        said = [line for line in log.splitlines() if '"canary_live"' in line or "error" in line.lower()][-1:]
+        return SteadyStateNotReached(f"a live run: the runbook's canary, started to carry one, exited "
+                                     f"{process.returncode} before its run was listed ({' '.join(said) or 'no output'})",
+                                     blocked_by=CANARY_ITEM)
+    if process is None:
+        state = env.status(LIVE_ROLE)
+        if not state.active:
+            return SteadyStateNotReached(f"a live run: the live runner unit is {state.active_state} ({state.message})",
+                                         blocked_by=START_STOP_ITEM)
+    carrier = "the background canary" if process is not None else "the live runner unit"
+    return SteadyStateNotReached(f"a live run with events listed by the observer: {carrier} runs, but {exc}; "
+                                 f"the observer lists {len(body['runs'])} run(s)", blocked_by=HEALTH_ITEM)
 
 
 def _no_chance_guards(env: QuantLabEnvironment) -> None:

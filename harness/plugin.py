@@ -20,13 +20,19 @@ from harness.fakes.binance import FakeBinance
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
 from harness.fakes.toxiproxy import TOXIPROXY_BACKENDS, ToxiproxyServer
+from harness.isolation import host_network_reason, isolate_process_network, run_isolation
 from harness.journal import Journal
+from harness.outcomes import BLOCKED, DRIFT, ERROR, SKIPPED, Verdict, classify, one_sentence
 from harness.redact import redact
+from harness.reporting import skip_reason
 from harness.runbook import Runbook, load_runbook
 from harness.secrets_scan import register as register_secrets_guard
 from harness.secrets_scan import remember as remember_secrets
 from harness.secrets_scan import scan_environment_output
 from harness.target import Target
+
+
+ISOLATION_KEY = pytest.StashKey[object]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,11 +59,31 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hostile: a hostile exchange (junk, huge, duplicate, out-of-order frames, drops) against the live run")
     config.addinivalue_line("markers", "security: a security probe of the target (reported in summary.json's security block)")
     register_secrets_guard(config)  # every process: workers hand their secrets over, the controller scans
+    _isolate(config)
     # Every process: what inherits this environment (xdist workers, tools a test starts) dies with it, even on SIGKILL.
     reaper.mark_environment()
     out_dir = config.getoption("runbook_report")
     if out_dir and not hasattr(config, "workerinput"):
         _register_report(config, Path(out_dir))
+
+
+def _runs_tests(config: pytest.Config) -> bool:
+    """An xdist worker, or a pytest process without workers: the processes that build environments."""
+    return hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no"
+
+
+def _isolate(config: pytest.Config) -> None:
+    """Moves a test process into a network namespace of its own before it starts any server, so units that hard-code
+    their ports run side by side under xdist (else: port locks). Parts on the host's network (Docker containers, an
+    S3 URL, a running toxiproxy) cannot be reached from a namespace, so they keep the host's network."""
+    if not _runs_tests(config):
+        return
+    reason = host_network_reason(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
+    config.stash[ISOLATION_KEY] = isolate_process_network(enabled=not reason, why_not=reason)
+
+
+def _isolation_text(config: pytest.Config) -> str:
+    return run_isolation(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
 
 
 def _register_report(config: pytest.Config, out_dir: Path) -> None:
@@ -71,10 +97,10 @@ def _register_report(config: pytest.Config, out_dir: Path) -> None:
     drift_file = config.getoption("runbook_drift")
     drift = json.loads(Path(drift_file).read_text()) if drift_file else []
     allure_dir = config.getoption("allure_report_dir", None)
-    config.pluginmanager.register(
-        RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
-                      config.getoption("runbook_item")), "runbook-report"
-    )
+    report = RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
+                           config.getoption("runbook_item"))
+    report.isolation = _isolation_text(config)
+    config.pluginmanager.register(report, "runbook-report")
 
 
 def pytest_keyboard_interrupt() -> None:
@@ -174,9 +200,39 @@ def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyS
     what the target wrote is scanned for the environment's secrets while its bucket still exists."""
     name = f"ql_{uuid.uuid4().hex[:12]}"
     with QuantLabEnvironment(quantlab_target, tmp_path / "quantlab", s3=s3_server, toxiproxy=toxiproxy,
-                             exchange=fake_binance, settings=quantlab_settings, name=name) as env:
+                             exchange=fake_binance, settings=quantlab_settings, name=name,
+                             runbook=_runbook_of(request)) as env:
         yield env
         scan_environment_output(request.node, env)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Reads each phase's end as one of the five outcomes (harness.outcomes) and carries it on the report as
+    `verdict` (xdist ships report attributes to the controller): a failed setup or teardown is the harness's error."""
+    result = yield
+    report: pytest.TestReport = result.get_result()
+    if report.skipped:
+        verdict = Verdict(SKIPPED, skip_reason(report))
+    elif call.when == "call":
+        verdict = classify(call.excinfo.value if call.excinfo else None)
+    elif report.failed:
+        exc = call.excinfo.value if call.excinfo else None
+        verdict = Verdict(ERROR, one_sentence(f"[error] the harness failed in {call.when}: "
+                                              f"{type(exc).__name__}: {exc}"))
+    else:
+        return
+    report.verdict = {"outcome": verdict.outcome, "message": verdict.message,  # type: ignore[attr-defined]
+                      "blocked_by": verdict.blocked_by}
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+    """The terminal shows blocked, drift and error scenarios as such, not as plain failures."""
+    verdict = getattr(report, "verdict", None)
+    if not report.failed or not isinstance(verdict, dict):
+        return None
+    letters = {BLOCKED: ("blocked", "B", "BLOCKED"), DRIFT: ("drift", "D", "DRIFT"), ERROR: ("error", "E", "ERROR")}
+    return letters.get(verdict.get("outcome"))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -188,6 +244,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         remember_secrets(item, env.secrets())  # a token rotated during the test is known to the leak scans too
         attach_evidence(env)
         item.user_properties.append(("inherent_wait_s", round(sum(s for _, s in env.inherent_waits), 3)))
+
+
+def _runbook_of(request: pytest.FixtureRequest) -> Runbook | None:
+    try:
+        return request.getfixturevalue("runbook_model")
+    except pytest.UsageError:
+        return None
 
 
 def attach_evidence(env: QuantLabEnvironment) -> None:

@@ -4,9 +4,11 @@ The plugin here runs in the pytest controller (with or without xdist). Scenarios
 journal in `user_properties`, which xdist ships from the workers, so the controller sees every result.
 Schema of summary.json (stable, documented in reports/README.md):
 {"target", "runbook", "started_at", "duration_s",
- "items": [{"id", "section", "title", "status": "pass"|"fail"|"skip", "symptom_observed", "fix_verified",
-            "time_to_detect_s", "time_to_recover_s", "message", "tests", "findings", "line"}],
- "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "skip"},
+ "items": [{"id", "section", "title", "line", "outcome": "pass"|"fail"|"drift"|"blocked"|"error", "message" (one
+            sentence), "blocked_by", "symptom_observed", "fix_verified", "time_to_detect_s", "time_to_recover_s",
+            "tests": [{"nodeid", "outcome", "message", "blocked_by", "detail"}], "drift", "findings", "measurements"}],
+ "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "drift", "blocked", "error"},
+ "exit_code", "isolation",
  "security": {"tests", "probes", "findings", "failures", "ports"},
  "secrets": {"checked", "harness_leaks", "target_leaks", ...}}   (secrets: added by harness.secrets_scan)
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from harness.outcomes import DRIFT, ERROR, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.runbook import Runbook, RunbookItem
 
 SUMMARY_JSON = "summary.json"
@@ -32,9 +35,10 @@ SECURITY_PROPERTY = "security_probes"
 MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
 ALLURE_CATEGORIES = [
     {"name": "Runbook drift (the runbook's text no longer matches the system)", "messageRegex": r"(?s).*\[drift\].*",
-     "matchedStatuses": ["failed"]},
-    {"name": "System defect (the system disagrees with the runbook)", "messageRegex": r"(?s).*runbook line \d+.*",
-     "matchedStatuses": ["failed"]},
+     "matchedStatuses": ["failed", "broken"]},
+    {"name": "Blocked (the steady state could not be reached before any fault)", "messageRegex": r"(?s).*\[blocked\].*",
+     "matchedStatuses": ["failed", "broken"]},
+    {"name": "System defect (the system disagrees with the runbook)", "matchedStatuses": ["failed"]},
     {"name": "Harness error (the harness or its environment broke)", "matchedStatuses": ["broken"]},
 ]
 
@@ -43,45 +47,83 @@ ALLURE_CATEGORIES = [
 class TestOutcome:
     nodeid: str
     item: str
-    outcome: str = "passed"
-    message: str = ""
+    outcome: str = PASS  # one of harness.outcomes.OUTCOMES, or SKIPPED
+    message: str = ""  # one sentence
+    detail: str = ""  # the full text of what ended the scenario
+    blocked_by: str | None = None
     journal: dict[str, Any] | None = None
     inherent_wait_s: float = 0.0
     duration_s: float = 0.0
+
+    def note(self, report: pytest.TestReport) -> None:
+        """Takes in one phase's report; the worst outcome of setup, call and teardown stands."""
+        self.duration_s += report.duration
+        verdict = getattr(report, "verdict", None)
+        if not isinstance(verdict, dict):
+            return
+        outcome = verdict.get("outcome") or PASS
+        current = [self.outcome] if self.outcome != SKIPPED else []
+        if outcome == SKIPPED and self.outcome == PASS:
+            self.outcome, self.message = SKIPPED, verdict.get("message") or ""
+        elif outcome != SKIPPED and worst(current + [outcome]) == outcome and outcome != self.outcome:
+            self.outcome, self.message = outcome, verdict.get("message") or ""
+            self.blocked_by = verdict.get("blocked_by")
+            self.detail = _failure_message(report) if report.failed else ""
 
 
 @dataclass
 class ItemSummary:
     item: RunbookItem
     tests: list[TestOutcome] = field(default_factory=list)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+
+    def verdict(self) -> tuple[str, str, str | None]:
+        """The item's outcome, its one-sentence message and the item blocking it (PRECEDENCE decides)."""
+        ran = [t for t in self.tests if t.outcome != SKIPPED]
+        if not self.tests:
+            return ERROR, "[error] no scenario proves this item: the harness has no test for it", None
+        if not ran:
+            return ERROR, one_sentence("[error] no scenario of this item could run: "
+                                       + "; ".join(sorted({t.message for t in self.tests}))), None
+        outcome = worst([t.outcome for t in ran] + ([DRIFT] if self.drift else []))
+        assert outcome is not None
+        if outcome == PASS:
+            return PASS, "", None
+        if outcome == DRIFT and not any(t.outcome == DRIFT for t in ran):
+            first = self.drift[0]
+            more = f" (and {len(self.drift) - 1} more drift finding(s))" if len(self.drift) > 1 else ""
+            return DRIFT, one_sentence(f"[drift] runbook line {first.get('line') or '-'} says {first['runbook']!r}; "
+                                       f"the system: {first['system']}{more}"), None
+        first_test = next(t for t in ran if t.outcome == outcome)
+        others = sum(1 for t in ran if t.outcome == outcome) - 1
+        more = f" (and {others} more scenario(s) {outcome})" if others else ""
+        return outcome, one_sentence(f"{_short(first_test.nodeid)}: {first_test.message}{more}"), first_test.blocked_by
 
     def to_dict(self) -> dict[str, Any]:
         journals = [t.journal for t in self.tests if t.journal]
-        failed = [t for t in self.tests if t.outcome == "failed"]
-        passed = [t for t in self.tests if t.outcome == "passed"]
-        if not self.tests:
-            status, message = "fail", "no scenario proves this item"
-        elif failed:
-            status, message = "fail", "; ".join(f"{t.nodeid.split('::')[-1]}: {t.message}" for t in failed)[:2000]
-        elif passed:
-            status, message = "pass", ""
-        else:
-            status, message = "skip", "; ".join(t.message for t in self.tests)[:500]
+        outcome, message, blocked_by = self.verdict()
         return {
             "id": self.item.id,
             "section": self.item.section,
             "title": self.item.title,
             "line": self.item.source.line,
-            "status": status,
+            "outcome": outcome,
+            "message": message,
+            "blocked_by": blocked_by,
             "symptom_observed": _all_of(j.get("symptom_observed") for j in journals),
             "fix_verified": _all_of(j.get("fix_verified") for j in journals),
             "time_to_detect_s": _max_of(j.get("time_to_detect_s") for j in journals),
             "time_to_recover_s": _max_of(j.get("time_to_recover_s") for j in journals),
-            "message": message,
-            "tests": [{"nodeid": t.nodeid, "outcome": t.outcome} for t in self.tests],
+            "tests": [{"nodeid": t.nodeid, "outcome": t.outcome, "message": t.message, "blocked_by": t.blocked_by,
+                       "detail": t.detail} for t in self.tests],
+            "drift": self.drift,
             "findings": [f for j in journals for f in j.get("findings", [])],
             "measurements": {k: v for j in journals for k, v in j.get("measurements", {}).items()},
         }
+
+
+def _short(nodeid: str) -> str:
+    return nodeid.split("::")[-1]
 
 
 def _all_of(values: Any) -> bool | None:
@@ -110,6 +152,7 @@ class RunbookReport:
         self.outcomes: dict[str, TestOutcome] = {}
         self.security: dict[str, dict[str, Any]] = {}  # nodeid -> {"outcome", "report"} of each security scenario
         self.blocks: dict[str, Any] = {}  # further top-level blocks other plugins add (e.g. "secrets")
+        self.isolation: str = ""  # how environments are kept apart (network namespaces or port locks)
 
     def set_block(self, name: str, data: Any) -> None:
         """Adds (or replaces) a top-level block of summary.json; the next write() includes it."""
@@ -126,13 +169,7 @@ class RunbookReport:
             outcome.journal = json.loads(props["runbook_journal"])
         if "inherent_wait_s" in props:
             outcome.inherent_wait_s = float(props["inherent_wait_s"])
-        outcome.duration_s += report.duration
-        if report.failed:
-            outcome.outcome = "failed"
-            outcome.message = _failure_message(report)
-        elif report.skipped and outcome.outcome != "failed":
-            outcome.outcome = "skipped"
-            outcome.message = _skip_reason(report)
+        outcome.note(report)
 
     def _note_security(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
         """Security scenarios (marker `security`) carry their probes and findings in user_properties."""
@@ -144,7 +181,7 @@ class RunbookReport:
         if report.failed:
             entry["outcome"], entry["message"] = "failed", _failure_message(report)
         elif report.skipped and entry["outcome"] != "failed":
-            entry["outcome"], entry["message"] = "skipped", _skip_reason(report)
+            entry["outcome"], entry["message"] = "skipped", skip_reason(report)
 
     def security_block(self) -> dict[str, Any]:
         """Every security scenario's probes, findings and failures; target secret leaks are findings too."""
@@ -164,16 +201,26 @@ class RunbookReport:
             return
         self.write()
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """JUnit says `error`, not `failure`, for a scenario the harness itself could not run (junitxml has written
+        its file by now: it writes at session finish)."""
+        xml_path = getattr(config.option, "xmlpath", None)
+        if xml_path and not hasattr(config, "workerinput"):
+            errored = {o.nodeid for o in self.outcomes.values() if o.outcome == ERROR}
+            junit_errors(Path(xml_path), errored)
+
     def summary(self) -> dict[str, Any]:
-        items = {item.id: ItemSummary(item) for item in self.runbook.items()}
+        items = {item.id: ItemSummary(item) for item in self.runbook.items()
+                 if not self.selected or item.id in self.selected}
         unknown: list[TestOutcome] = []
         for outcome in self.outcomes.values():
             (items[outcome.item].tests.append(outcome) if outcome.item in items else unknown.append(outcome))
+        for drift in self.drift:
+            if drift.get("item") in items:
+                items[drift["item"]].drift.append(drift)
         rows = [summary.to_dict() for summary in items.values()]
-        for row in rows:
-            if self.selected and row["id"] not in self.selected:
-                row.update(status="skip", message="not selected (--only)")
-        totals = {status: sum(1 for row in rows if row["status"] == status) for status in ("pass", "fail", "skip")}
+        totals = {outcome: sum(1 for row in rows if row["outcome"] == outcome) for outcome in OUTCOMES}
         return {
             "target": str(self.target_root),
             "runbook": str(self.runbook.path),
@@ -182,6 +229,8 @@ class RunbookReport:
             "items": rows,
             "drift": self.drift,
             "totals": totals,
+            "exit_code": exit_code(row["outcome"] for row in rows),
+            "isolation": self.isolation,
             "scenarios_without_item": [o.nodeid for o in unknown],
             "timing": {
                 "scenario_time_s": round(sum(o.duration_s for o in self.outcomes.values()), 2),
@@ -201,6 +250,36 @@ class RunbookReport:
         return data
 
 
+def junit_errors(path: Path, nodeids: set[str]) -> None:
+    """Turns the <failure> of each scenario in `nodeids` into an <error> in the JUnit file, counts updated."""
+    import xml.etree.ElementTree as ET
+
+    if not nodeids or not path.is_file():
+        return
+    wanted = {_junit_address(nodeid) for nodeid in nodeids}
+    tree = ET.parse(path)
+    for suite in tree.getroot().iter("testsuite"):
+        moved = 0
+        for case in suite.iter("testcase"):
+            failure = case.find("failure")
+            if failure is not None and (case.get("classname"), case.get("name")) in wanted:
+                failure.tag = "error"
+                moved += 1
+        if moved:
+            suite.set("failures", str(int(suite.get("failures", "0")) - moved))
+            suite.set("errors", str(int(suite.get("errors", "0")) + moved))
+    tree.write(path, encoding="utf-8", xml_declaration=True)
+
+
+def _junit_address(nodeid: str) -> tuple[str, str]:
+    """(classname, name) as pytest's junitxml writes a test id."""
+    path, bracket, params = nodeid.partition("[")
+    names = path.split("::")
+    names[0] = names[0].replace("/", ".").removesuffix(".py")
+    names[-1] += bracket + params
+    return ".".join(names[:-1]), names[-1]
+
+
 def target_leak_findings(leaks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One critical finding per secret and kind of place the target wrote it to (the places are in secrets.target_leaks)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -218,7 +297,7 @@ def _failure_message(report: pytest.TestReport) -> str:
     return " ".join(text.split())[:1000]
 
 
-def _skip_reason(report: pytest.TestReport) -> str:
+def skip_reason(report: pytest.TestReport) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return str(longrepr[2]).removeprefix("Skipped: ")
@@ -231,14 +310,17 @@ def markdown(data: dict[str, Any]) -> str:
         "# Runbook verification summary", "",
         f"- Target: `{data['target']}`", f"- Runbook: `{data['runbook']}`",
         f"- Started: {data['started_at']}, took {data['duration_s']} s",
-        f"- Items: {totals['pass']} pass, {totals['fail']} fail, {totals['skip']} skip", "",
-        "| item | line | status | symptom seen | fix verified | detect (s) | recover (s) | message |",
+        f"- Isolation: {data.get('isolation') or '-'}",
+        "- Items: " + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + f" (exit code {data.get('exit_code')})", "",
+        "| item | line | outcome | symptom seen | fix verified | detect (s) | recover (s) | message |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     mark = {True: "yes", False: "no", None: "-"}
     for row in data["items"]:
-        message = row["message"].replace("|", "\\|").replace("\n", " ")[:300]
-        lines.append(f"| {row['id']} | {row['line']} | **{row['status']}** | {mark[row['symptom_observed']]} | "
+        message = one_sentence(row["message"], 300).replace("|", "\\|")
+        if row.get("blocked_by"):
+            message = f"blocked by {row['blocked_by']}: {message}"
+        lines.append(f"| {row['id']} | {row['line']} | **{row['outcome']}** | {mark[row['symptom_observed']]} | "
                      f"{mark[row['fix_verified']]} | {row['time_to_detect_s'] if row['time_to_detect_s'] is not None else '-'} | "
                      f"{row['time_to_recover_s'] if row['time_to_recover_s'] is not None else '-'} | {message} |")
     findings = [(row["id"], f) for row in data["items"] for f in row["findings"]]

@@ -2,7 +2,8 @@
 
 Order: bootstrap what is missing, load target and runbook, static drift check, every scenario under
 pytest-xdist (progress as it goes), then summary.json / summary.md / junit.xml / allure results in reports/.
-Exit 0 only when every runbook item passed.
+Exit 0 when every runbook item passed, 1 when any is fail, drift or blocked, 3 when any is error (the harness's own
+failure), 2 for bad input.
 """
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from pathlib import Path
 from harness import reaper
 from harness.drift import check_drift, scenario_items
 from harness.errors import EXIT_FAILED, ConfigError, HarnessError, MissingToolError
+from harness.outcomes import EXIT_CODES, ERROR, OUTCOMES, exit_code, one_sentence
 from harness.fakes.docker import require_docker
+from harness.isolation import run_isolation
 from harness.reporting import SUMMARY_JSON
 from harness.runbook import load_runbook
 from harness.services import group_members
 from harness.target import PROJECT_ROOT, TWIN_ROOT, Target
 
 SCENARIOS_DIR = Path(__file__).with_name("scenarios")
+EXIT_HARNESS = EXIT_CODES[ERROR]
 DEFAULT_REPORTS = PROJECT_ROOT / "reports"
 ALLURE_TOOL_DIR = PROJECT_ROOT / "tools" / "allure"
 
@@ -115,8 +119,9 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     drift = [d.to_dict() for d in check_drift(model, target, scenario_items(SCENARIOS_DIR))]
     drift_file = reports / "drift.json"
     drift_file.write_text(json.dumps(drift, indent=2) + "\n")
+    isolation = run_isolation(s3_backend, toxiproxy_backend)
     print(f"quantlab-chaos: target {target.root}\nquantlab-chaos: runbook {model.path} ({len(known)} items, "
-          f"{len(drift)} drift finding(s))", flush=True)
+          f"{len(drift)} drift finding(s))\nquantlab-chaos: isolation: {isolation}", flush=True)
 
     argv = [sys.executable, "-m", "pytest", str(SCENARIOS_DIR), "-v", "-p", "no:cacheprovider",
             "--rootdir", str(PROJECT_ROOT), "-n", workers, "--junitxml", str(reports / "junit.xml"),
@@ -134,14 +139,16 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     if not summary_path.is_file():
         print(f"quantlab-chaos: pytest ended (exit {code}) without writing {summary_path}; see its output above.",
               file=sys.stderr)
-        return code or EXIT_FAILED
+        return EXIT_HARNESS
     summary = json.loads(summary_path.read_text())
     _print_summary(summary, reports)
     if html:
         render_html(allure_dir, reports / "allure-report")
-    passed = all(row["status"] == "pass" for row in summary["items"] if not only or row["id"] in only)
-    leaked = harness_leaks(summary)
-    return 0 if passed and code == 0 and not leaked else EXIT_FAILED
+    verdict = exit_code(row["outcome"] for row in summary["items"])
+    if harness_leaks(summary) or (code not in (0, 1) and verdict == 0):
+        # A leak in our own reports, or pytest itself ending badly (usage error, internal error), is the harness's.
+        return EXIT_HARNESS
+    return verdict
 
 
 def harness_leaks(summary: dict) -> list[dict]:
@@ -205,12 +212,11 @@ def _pytest(argv: list[str]) -> int:
 def _print_summary(summary: dict, reports: Path) -> None:
     print("\nRunbook items:")
     for row in summary["items"]:
-        mark = {"pass": "PASS", "fail": "FAIL", "skip": "SKIP"}[row["status"]]
-        extra = f"  {row['message'][:160]}" if row["status"] != "pass" else ""
-        print(f"  {mark}  {row['id']:<36} (runbook line {row['line']}){extra}")
+        extra = f"  {one_sentence(row['message'], 200)}" if row["outcome"] != "pass" else ""
+        print(f"  {row['outcome'].upper():<7}  {row['id']:<36} (runbook line {row['line']}){extra}")
     totals = summary["totals"]
-    print(f"\n{totals['pass']} passed, {totals['fail']} failed, {totals['skip']} skipped runbook items; "
-          f"{len(summary['drift'])} drift finding(s). Reports: {reports}")
+    print("\n" + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + " runbook item(s); "
+          f"{len(summary['drift'])} drift finding(s); exit code {summary.get('exit_code')}. Reports: {reports}")
     security, secrets = summary.get("security") or {}, summary.get("secrets") or {}
     if security.get("tests"):
         print(f"Security probes: {len(security.get('probes', []))} probe(s), {len(security.get('failures', []))} failure(s), "

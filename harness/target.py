@@ -35,16 +35,15 @@ class ServiceRole:
     unit: str
     port_env: str | None = None
     health_path: str | None = None
-    ready_statuses: frozenset[int] = frozenset({200})
     uses_s3: bool = True
     uses_exchange: bool = False
+    declared: bool = False  # set by the checkout's .quantlab-chaos.toml: its port_env is known to be read
 
 
 KNOWN_SERVICES: dict[str, ServiceRole] = {
     role.unit: role
     for role in (
-        # Without a token the observer answers 401, which still proves it is serving.
-        ServiceRole("observer", "quantlab-observer.service", "OBSERVER_PORT", "/observer/health", frozenset({200, 401})),
+        ServiceRole("observer", "quantlab-observer.service", "OBSERVER_PORT", "/observer/health"),
         ServiceRole("live", "quantlab-live.service", uses_exchange=True),
         ServiceRole("replayd", "quantlab-replayd.service", "REPLAYD_PORT", "/health"),
         ServiceRole("worker", "quantlab-worker.service", "WORKER_HEALTH_PORT", "/health"),
@@ -148,7 +147,7 @@ def _service_roles(root: Path, units: dict[str, Path]) -> dict[str, ServiceRole]
             continue
         role = KNOWN_SERVICES.get(name, ServiceRole(name.removeprefix("quantlab-").removesuffix(".service"), name))
         if name in overrides:
-            role = replace(role, **overrides[name])
+            role = replace(role, **overrides[name], declared=True)
         services[name] = role
     return services
 

@@ -40,7 +40,7 @@ def test_scenarios_pass_on_minio_and_the_toxiproxy_container(tmp_path: Path) -> 
     done = _cli("run", "--only", "failure:s3-archive-unreachable", "--only", "failure:archive-missing", *CONTAINERS,
                 "--reports", str(tmp_path), timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    statuses = {row["id"]: row["status"] for row in summary["items"] if row["id"].startswith("failure:")}
+    statuses = {row["id"]: row["outcome"] for row in summary["items"] if row["id"].startswith("failure:")}
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert statuses["failure:s3-archive-unreachable"] == "pass" and statuses["failure:archive-missing"] == "pass"
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from harness.readiness import listening_ports
 import pytest
 
 from harness import reaper
@@ -113,13 +115,13 @@ def _members(run: Run) -> list[psutil.Process]:
 
 
 def _listening(procs: Iterable[psutil.Process]) -> dict[int, str]:
-    """port -> who, for every TCP port the processes listen on."""
+    """port -> who, for every TCP port the processes listen on, each read in the process's own network namespace
+    (each test process of a run has one)."""
     ports: dict[int, str] = {}
     for proc in procs:
         try:
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    ports[conn.laddr.port] = f"{proc.pid} {proc.name()}"
+            for port in listening_ports(proc.pid) if proc.is_running() else ():
+                ports[port] = f"{proc.pid} {proc.name()}"
         except psutil.Error:
             continue
     return ports
@@ -173,8 +175,12 @@ def assert_all_gone(run: Run, procs: list[psutil.Process], ports: dict[int, str]
 
 
 def _still_bound(ports: dict[int, str], ours: set[int]) -> dict[int, str]:
-    """The ports still listened on by one of ours, or by nobody we can name (a socket outliving its process)."""
+    """The ports still listened on by one of ours (in its own namespace), or on the host's network by nobody we can
+    name (a socket outliving its process). A namespace ends with its last process, and its sockets with it."""
     bound = {}
+    for pid in ours:
+        for port in listening_ports(pid) & set(ports):
+            bound[port] = f"{ports[port]} (now pid {pid})"
     for conn in psutil.net_connections(kind="inet"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports and (conn.pid is None or conn.pid in ours):
             bound[conn.laddr.port] = f"{ports[conn.laddr.port]} (now pid {conn.pid})"

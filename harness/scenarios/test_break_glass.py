@@ -17,6 +17,7 @@ from harness.environment import QuantLabEnvironment
 from harness.errors import ConfigError
 from harness.journal import Journal
 from harness.ports import eventually
+from harness.outcomes import DriftFound
 from harness.runbook import BreakGlassStep, Runbook
 from harness.scenarios.test_kill_switch import stop_and_verify
 
@@ -29,7 +30,7 @@ def step_or_skip(runbook: Runbook, step_id: str) -> BreakGlassStep:
     try:
         return runbook.break_glass_step(step_id)
     except KeyError as exc:
-        pytest.skip(str(exc))
+        raise DriftFound(f"the runbook {runbook.path} has no break-glass step {step_id}: {exc}") from exc
 
 
 def restarted_role(quantlab: QuantLabEnvironment, journal: Journal, step: BreakGlassStep, default: str) -> str:
@@ -40,8 +41,8 @@ def restarted_role(quantlab: QuantLabEnvironment, journal: Journal, step: BreakG
     try:
         return quantlab.target.role(unit).role
     except ConfigError as exc:
-        journal.finding(f"the runbook restarts {unit}, which the checkout lacks", f"{step.source}: {exc}")
-        pytest.skip(f"{step.source} restarts {unit}, but the checkout {quantlab.target.root} has no unit file for it")
+        raise DriftFound(f"{step.source} restarts {unit}, but the checkout {quantlab.target.root} has no unit file "
+                         f"for it ({exc})") from exc
 
 
 def unauthorized_status(runbook: Runbook) -> int:
@@ -71,10 +72,14 @@ def test_rotate_observer_token(quantlab: QuantLabEnvironment, runbook_model: Run
     role = restarted_role(quantlab, journal, step, "observer")
     old, new = quantlab.token, secrets.token_urlsafe(24)
 
-    with journal.steady_state("observer up with the old token; a healthy canary archived and audited"):
+    with journal.steady_state("observer up, answering the runbook's requests with the old token", needs="health-checks"):
         quantlab.start(role)
+        accepted = check_observer_auth(kit.observer_client(quantlab, old))
+        journal.expect(accepted.ok, expected="the observer accepts the token its env file holds (and refuses none)",
+                       actual=accepted.message, source=runbook_model.health_checks[0].source,
+                       evidence=accepted.evidence)
+    with journal.steady_state("a healthy canary archived and audited", needs="canary"):
         _, before = kit.baseline(quantlab, runbook_model)
-        assert check_observer_auth(kit.observer_client(quantlab, old)).ok, "steady state: the old token is not accepted"
     with journal.step("method", f"{step.title}: new {name} in the env file of {role}, then restart it"):
         quantlab.edit_env(role, set={name: new})
         quantlab.restart(role)
@@ -102,11 +107,12 @@ def test_disable_live_ws(quantlab: QuantLabEnvironment, runbook_model: Runbook, 
         pytest.skip(f"{step.source} names no NAME=value to set")
     role = restarted_role(quantlab, journal, step, kit.LIVE_ROLE)
     if not kit.has_service(quantlab, role):
-        pytest.skip(f"the checkout {quantlab.target.root} has no live runner unit to restart for {step.source}")
+        raise DriftFound(f"{step.source} restarts the live runner service, but the checkout {quantlab.target.root} "
+                         f"has no live runner unit (its units: {', '.join(sorted(quantlab.target.units)) or 'none'})")
     flag = next(iter(disable))
     enable = _enable_value(runbook_model, quantlab, flag)
 
-    with journal.steady_state("observer up; a healthy canary archived and audited"):
+    with journal.steady_state("observer up; a healthy canary archived and audited", needs="canary"):
         quantlab.start("observer")
         _, before = kit.baseline(quantlab, runbook_model)
     with kit.live_run(quantlab, runbook_model) as live:

@@ -50,9 +50,11 @@ def check_requests(journal: Journal, quantlab: QuantLabEnvironment, runbook: Run
     bodies: dict[str, Any] = {}
     for request in runbook.health_checks:
         response, body = answer(quantlab, request)
-        journal.expect(response.status_code == httpx.codes.OK and isinstance(body, dict),
-                       expected=f"'{request.text}' answers 200 with a JSON object ({state})",
-                       actual=f"{request.method} {request.path} answered {response.status_code} {str(body)[:120]}",
+        ok = response.status_code == httpx.codes.OK and isinstance(body, dict)
+        journal.expect(ok, expected=f"'{request.text}' answers 200 with a JSON object ({state})",
+                       actual=f"{request.method} {request.path} answered {response.status_code} "
+                              f"{str(body if body is not None else response.text)[:120]}"
+                              + ("" if ok else f"; {kit.observer_facts(quantlab, request.method, request.path)}"),
                        source=request.source, evidence={"status": response.status_code})
         documented = shape(client, request)
         if documented is not None:
@@ -80,18 +82,19 @@ def test_health_checks_idle_and_live(quantlab: QuantLabEnvironment, runbook_mode
     first = runbook_model.health_checks[0]
     source = {kind(r) or r.path: r.source for r in reversed(runbook_model.health_checks)}
 
-    with journal.steady_state("observer up; a healthy canary archived and audited; nothing running"):
+    with journal.steady_state("the observer unit started; nothing running", needs="start-stop"):
         quantlab.start("observer")
-        _, before = kit.baseline(quantlab, runbook_model)
     note_port_drift(journal, quantlab, runbook_model)
-    auth = check_observer_auth(kit.observer_client(quantlab))
-    journal.expect(auth.ok, expected="the observer routes want the bearer token", actual=auth.message,
-                   source=first.source, evidence=auth.evidence)
-
     idle = check_requests(journal, quantlab, runbook_model, "idle")
     if HEALTH in idle:
         journal.expect(idle[HEALTH].get("active_runs") == 0, expected="idle: health reports no active run",
                        actual=f"active_runs is {idle[HEALTH].get('active_runs')}", source=source[HEALTH])
+    auth = check_observer_auth(kit.observer_client(quantlab))
+    journal.expect(auth.ok, expected="the observer routes want the bearer token", actual=auth.message,
+                   source=first.source, evidence=auth.evidence)
+
+    with journal.steady_state("a healthy canary archived and audited", needs="canary"):
+        _, before = kit.baseline(quantlab, runbook_model)
 
     with kit.live_run(quantlab, runbook_model) as live:
         with journal.step("method", f"a live run ingesting ({live.via}), run {live.run_id}"):

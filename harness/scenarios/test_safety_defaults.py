@@ -26,6 +26,7 @@ import pytest
 from canary.checks import BUDGET_AUDIT_ACTION, CanaryOutcome, audit_entries
 from harness import kit
 from harness.environment import QuantLabEnvironment
+from harness.outcomes import SteadyStateNotReached
 from harness.journal import Journal
 from harness.ports import eventually
 from harness.runbook import Runbook, Setting, Source
@@ -183,6 +184,12 @@ def test_decision_rate_limit_default_observed_in_a_live_run(quantlab: QuantLabEn
     fired = [e for e in audit_entries(quantlab.audit_dir, outcome.run_id or "")
              if e.get("action") == BUDGET_AUDIT_ACTION and (e.get("metadata") or {}).get("budget") == RATE_BUDGET]
     metadata = (fired[0].get("metadata") or {}) if fired else {}
+    line = outcome.line or {}
+    if not fired and line.get("status") != "PASS" and not line.get("stop_reason"):
+        raise SteadyStateNotReached(f"a live run that makes decisions: the runbook's canary, run with a chatty "
+                                    f"strategy, ended {line.get('status') or 'without a canary line'} (exit "
+                                    f"{outcome.result.code}: {line.get('error') or outcome.result.stderr[-200:]})",
+                                    blocked_by=kit.CANARY_ITEM)
     # A breach is the first decision over the limit: QuantLab records the limit, or the value one above it.
     observed = metadata.get("limit", metadata["value"] - 1 if isinstance(metadata.get("value"), int) else None)
     journal.measure("observed_default", {RATE_ENV: observed})
