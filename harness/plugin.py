@@ -32,9 +32,6 @@ from harness.secrets_scan import scan_environment_output
 from harness.target import Target
 
 
-ISOLATION_KEY = pytest.StashKey[object]()
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("quantlab-chaos", "QuantLab chaos harness")
     group.addoption("--quantlab-root", help="QuantLab checkout to test (default: QUANTLAB_ROOT, then the twin)")
@@ -79,11 +76,7 @@ def _isolate(config: pytest.Config) -> None:
     if not _runs_tests(config):
         return
     reason = host_network_reason(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
-    config.stash[ISOLATION_KEY] = isolate_process_network(enabled=not reason, why_not=reason)
-
-
-def _isolation_text(config: pytest.Config) -> str:
-    return run_isolation(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
+    isolate_process_network(enabled=not reason, why_not=reason)  # environments read it with current_isolation()
 
 
 def _register_report(config: pytest.Config, out_dir: Path) -> None:
@@ -99,7 +92,7 @@ def _register_report(config: pytest.Config, out_dir: Path) -> None:
     allure_dir = config.getoption("allure_report_dir", None)
     report = RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
                            config.getoption("runbook_item"))
-    report.isolation = _isolation_text(config)
+    report.isolation = run_isolation(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
     config.pluginmanager.register(report, "runbook-report")
 
 
