@@ -9,24 +9,34 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import allure
 
+from harness.experiment import SEVERITIES, Experiment, ExperimentError, Run, Runner
 from harness.outcomes import SteadyStateNotReached
 from harness.runbook import RunbookItem, Source
 
+T = TypeVar("T")
+
 
 class RunbookViolation(AssertionError):
-    """The system did not do what a runbook line says. The message names the line and what happened instead."""
+    """The system did not do what a runbook line says. The message names the line and what happened instead;
+    `source`, `says` and `seen` keep the parts (None when raised with a plain message)."""
+
+    source: Source | None = None
+    says: str | None = None
+    seen: str | None = None
 
 
 def violation(source: Source | None, expected: str, actual: str) -> RunbookViolation:
-    where = f"{source}" if source else "the runbook"
-    return RunbookViolation(f"{where}\n  the runbook says: {expected}\n  the system did instead: {actual}")
+    where = f"runbook line {source.line}" if source else "the runbook"
+    exc = RunbookViolation(f"{where} says {expected}; the system: {actual}")
+    exc.source, exc.says, exc.seen = source, expected, actual
+    return exc
 
 
 @dataclass
@@ -41,11 +51,13 @@ class Step:
 
 @dataclass
 class Finding:
-    """Something worth a human's attention that does not fail the item (e.g. a check that hangs)."""
+    """Something worth a human's attention beside the runbook's promises. Severity `info` or `warning` is reported;
+    `defect` (the system does something harmful the runbook does not cover) fails the item it belongs to."""
 
     title: str
     detail: str
     severity: str = "warning"
+    source: Source | None = None
 
 
 @dataclass
@@ -71,6 +83,35 @@ class Journal:
         self._detected_at: float | None = None
         self._fixed_at: float | None = None
         self._recovered_at: float | None = None
+        self.experiment: str | None = None
+        self.deviations: list[dict[str, Any]] = []
+        self._runner: Runner | None = None
+
+    # -- experiments ---------------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            self._runner = Runner(self)
+        return self._runner
+
+    def run(self, experiment: Experiment) -> Run:
+        """Runs the experiment: every phase evaluated, every deviation reported, rollbacks always."""
+        try:
+            return self.runner.run(experiment)
+        finally:
+            self.deviations = [{"phase": d.phase, "says": d.says, "seen": d.seen,
+                                "line": d.source.line if d.source else None}
+                               for d in getattr(self.runner, "last_deviations", [])]
+
+    def enter(self, context: AbstractContextManager[T]) -> T:
+        """Enters a context (a live run) that the experiment's rollbacks leave, whatever happens."""
+        return self.runner.enter(context)
+
+    def mark(self, moment: str, at: float | None) -> None:
+        """The monotonic time of a moment of the experiment: fault, detected, fix, recovered."""
+        setattr(self, {"fault": "_injected_at", "detected": "_detected_at", "fix": "_fixed_at",
+                       "recovered": "_recovered_at"}[moment], at)
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -147,8 +188,10 @@ class Journal:
         if not condition:
             raise violation(source, expected, actual)
 
-    def finding(self, title: str, detail: str, severity: str = "warning") -> None:
-        self.findings.append(Finding(title, detail, severity))
+    def finding(self, title: str, detail: str, severity: str = "warning", source: Source | None = None) -> None:
+        if severity not in SEVERITIES:
+            raise ExperimentError(f"finding {title!r} has severity {severity!r}; use one of {', '.join(SEVERITIES)}")
+        self.findings.append(Finding(title, detail, severity, source))
 
     def measure(self, name: str, value: Any) -> None:
         self.measurements[name] = value
@@ -164,9 +207,19 @@ class Journal:
                             f"{len(lost)} lost or changed: {', '.join(lost[:5])}")
 
     def _record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None) -> None:
-        self.steps.append(Step(kind, description, time.monotonic() - self._t0, 0.0, ok, dict(evidence or {})))
-        with allure.step(f"{kind.replace('_', ' ')}: {description} -> {'ok' if ok else 'NOT as the runbook says'}"):
-            if evidence:
+        self.record(kind, description, ok, evidence)
+
+    def record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None, *,
+               seen: str | None = None, duration_s: float = 0.0) -> None:
+        """One judged observation or action of the scenario, in the journal and as an allure step."""
+        now = time.monotonic() - self._t0
+        details = dict(evidence or {})
+        if seen is not None:
+            details = {"seen": seen, **details}
+        self.steps.append(Step(kind, description, round(now - duration_s, 3), round(duration_s, 3), ok, details))
+        verdict = "ok" if ok else ("NOT as the runbook says" if kind != "rollback" else "FAILED")
+        with allure.step(f"{kind.replace('_', ' ')}: {description} -> {verdict}"):
+            if details:
                 allure.attach(json.dumps(dict(evidence), indent=2, default=str), name=f"{kind} evidence",
                               attachment_type=allure.attachment_type.JSON)
 
@@ -187,6 +240,8 @@ class Journal:
     def to_dict(self) -> dict[str, Any]:
         return {
             "item": asdict(self.item),
+            "experiment": self.experiment,
+            "deviations": self.deviations,
             "symptom_observed": self.symptom_observed,
             "fix_verified": self.fix_verified,
             "time_to_detect_s": self.time_to_detect_s,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,8 @@ from canary.checks import (
 from canary.process import CommandResult
 from harness import reaper
 from harness.environment import QuantLabEnvironment
-from harness.journal import RunbookViolation, Snapshot, snapshot, violation
+from harness.experiment import Action, Observation, Probe, Slot, command_observation, holds
+from harness.journal import Journal, RunbookViolation, Snapshot, snapshot, violation
 from harness.outcomes import SteadyStateNotReached
 from harness.ports import wait_until
 from harness.runbook import HttpRequest, Runbook
@@ -26,6 +28,7 @@ from harness.runbook import HttpRequest, Runbook
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT")
 CANARY_ITEM, HEALTH_ITEM, START_STOP_ITEM = "canary", "health-checks", "start-stop"
 NATURAL_END = "STREAM_END"  # CONTRACT section 6: a run that reaches its duration
+now = time.monotonic  # the clock observations are timed with (Observation.at)
 
 
 def runner(env: QuantLabEnvironment) -> Runner:
@@ -63,18 +66,69 @@ def failed(results: Sequence[CheckResult]) -> list[str]:
 def baseline(env: QuantLabEnvironment, runbook: Runbook) -> tuple[CanaryOutcome, Snapshot]:
     """A healthy canary run before the fault, and a snapshot of what it left, to prove later that nothing is lost."""
     outcome = canary(env, runbook)
-    problems = failed(canary_checks(env, outcome))
-    if outcome.line and outcome.line.get("stop_reason") != NATURAL_END:
-        why = [f"{e.get('action')} {e.get('reason')}" for e in audit_entries(env.audit_dir, outcome.run_id or "")
-               if e.get("action") in ("GUARD_FAIL", "BUDGET_EXCEEDED")]
-        problems.append(f"the healthy run stopped with {outcome.line.get('stop_reason')}, not {NATURAL_END} "
-                        f"({'; '.join(why) or 'no guard or budget entry in the audit'}; "
-                        f"{outcome.line.get('emitted_event_count')} events, {outcome.line.get('decision_count')} decisions)")
+    problems = canary_problems(env, outcome)
     if problems:
         raise SteadyStateNotReached(f"a healthy canary run (the runbook's canary command, as written, with a "
                                     f"harness strategy) failed before any fault was injected: {'; '.join(problems)}",
                                     blocked_by=CANARY_ITEM)
     return outcome, snapshot(env.audit_dir, env.bucket)
+
+
+def canary_problems(env: QuantLabEnvironment, outcome: CanaryOutcome, *, natural_end: bool = True) -> list[str]:
+    """What is wrong with a canary run that should be healthy: its three runbook checks, and (natural_end) a stop
+    other than the run's natural end, with the guard or budget the audit trail names."""
+    problems = failed(canary_checks(env, outcome))
+    if natural_end and outcome.line and outcome.line.get("stop_reason") != NATURAL_END:
+        why = [f"{e.get('action')} {e.get('reason')}" for e in audit_entries(env.audit_dir, outcome.run_id or "")
+               if e.get("action") in ("GUARD_FAIL", "BUDGET_EXCEEDED")]
+        problems.append(f"the run stopped with {outcome.line.get('stop_reason')}, not {NATURAL_END} "
+                        f"({'; '.join(why) or 'no guard or budget entry in the audit'}; "
+                        f"{outcome.line.get('emitted_event_count')} events, {outcome.line.get('decision_count')} decisions)")
+    return problems
+
+
+def canary_observation(env: QuantLabEnvironment, outcome: CanaryOutcome, started: float, *,
+                       natural_end: bool = False) -> Observation:
+    """A finished (or killed) canary as an observation: true when it is healthy (its problems are the evidence)."""
+    problems = canary_problems(env, outcome, natural_end=natural_end)
+    seen = f"canary {outcome.status} (exit {outcome.result.code}); " + ("; ".join(problems) if problems else "all checks pass")
+    return command_observation(outcome.result, not problems, seen, {**evidence(outcome), "problems": problems},
+                               started=started)
+
+
+# -- experiment parts the scenarios share ---------------------------------------------------------------------
+
+
+def start(env: QuantLabEnvironment, role: str = "observer") -> Action:
+    """Setup: the unit of `role` started (a unit that does not start blocks on start-stop)."""
+    unit = env.wiring(role).unit_path.name if role in env.services else role
+    return Action(f"systemctl start {unit}", lambda: env.start(role), blocks=START_STOP_ITEM)
+
+
+def healthy_canary(env: QuantLabEnvironment, runbook: Runbook, *, recheck: bool = True, **options: Any) -> Probe:
+    """Steady state: the runbook's canary command as written (harness strategy, short run) passes its three checks
+    and ends at its natural end. Not holding blocks on the canary item."""
+    source = runbook.canary.source if runbook.canary is not None else None
+
+    def observe() -> Observation:
+        started = now()
+        return canary_observation(env, canary(env, runbook, **options), started, natural_end=True)
+
+    return Probe("the runbook's canary command (harness strategy)", observe,
+                 holds("a canary run passes, archived and audited, and ends at its natural end", source),
+                 blocks=CANARY_ITEM, recheck=recheck)
+
+
+def snapshot_of(env: QuantLabEnvironment) -> Callable[[], Snapshot]:
+    """What the target has written (audit spool, archive), for the experiment's nothing-lost comparison."""
+    return lambda: now_snapshot(env)
+
+
+def enter_live_run(journal: Journal, env: QuantLabEnvironment, runbook: Runbook, slot: Slot[LiveRun],
+                   **options: Any) -> Action:
+    """Setup: a live run seen RUNNING with events (see live_run), left by the experiment's rollbacks."""
+    return Action("a live run ingesting, listed RUNNING by the observer",
+                  lambda: slot.set(journal.enter(live_run(env, runbook, **options))))
 
 
 def evidence(outcome: CanaryOutcome) -> dict[str, Any]:

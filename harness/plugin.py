@@ -228,6 +228,20 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -
     return letters.get(verdict.get("outcome"))
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Blocked and drift scenarios with why, as pytest prints failures (it prints only its own categories)."""
+    if terminalreporter.config.option.tbstyle == "no":
+        return
+    for category, title in (("blocked", "BLOCKED"), ("drift", "DRIFT")):
+        reports = [r for r in terminalreporter.stats.get(category, []) if getattr(r, "longrepr", None)]
+        if not reports:
+            continue
+        terminalreporter.write_sep("=", title)
+        for report in reports:
+            terminalreporter.write_sep("_", report.head_line or report.nodeid)
+            terminalreporter.line(report.longreprtext)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """After the test body (passed or not), while its allure result is open: attach the environment's evidence."""

@@ -116,7 +116,7 @@ def _rank(outcome: str) -> int:
 
 
 def _one_line(text: str) -> str:
-    """The failure message on one line: a runbook violation's 'the system did instead' part is on its last line."""
+    """The failure message on one line: the lines of a runbook violation joined."""
     return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())[:600]
 
 

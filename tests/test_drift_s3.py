@@ -2,7 +2,9 @@
 behaviour changed so it disagrees with the runbook, and must fail naming the runbook line it disagrees with."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,3 +91,46 @@ def test_self_test_scenario_fails_when_config_check_ignores_token(tmp_path: Path
     # The symptom quotes the runbook's prose that gives the self-test commands' exit codes.
     _, prose = exit_codes(runbook)
     _assert_fails_naming(result, _line_of(runbook, lambda r: prose.line if prose else r.self_tests[0].source.line))
+
+
+S3_CLIENT = "core/lib/s3.js"
+BOUNDED_SEND = "if (options.abortSignal) return send(command, options);"
+S3_ITEM = "failure:s3-archive-unreachable"
+CLI = str(Path(sys.executable).with_name("quantlab-chaos"))
+
+
+def _run_item(copy: Path, reports: Path, selection: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """`quantlab-chaos run` of the S3 item's scenarios matching `selection` against `copy`; its summary.json."""
+    argv = [CLI, "run", "--quantlab-root", str(copy), "--only", S3_ITEM, "-n", "0", "--reports", str(reports),
+            "--pytest-arg=-k", f"--pytest-arg={selection}"]
+    done = subprocess.run(argv, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    summary = json.loads((reports / "summary.json").read_text()) if (reports / "summary.json").is_file() else {}
+    return done, summary
+
+
+def test_a_self_test_that_hangs_on_a_black_holed_s3_fails_the_item_not_passes_it(tmp_path: Path, runbook: Runbook) -> None:
+    """Without the twin's S3 timeout its self-test hangs like QuantLab's: the hang is not the runbook's symptom."""
+    copy = _twin_copy(tmp_path)
+    _change(copy, S3_CLIENT, BOUNDED_SEND, "return send(command, options);")
+    done, summary = _run_item(copy, tmp_path / "reports", "blackhole")
+    row = next(row for row in summary.get("items", []) if row["id"] == S3_ITEM)
+    failure = runbook.failure("s3-archive-unreachable")
+    assert done.returncode == 1 and row["outcome"] == "fail", done.stdout[-3000:]
+    assert f"runbook line {failure.symptom_source.line} says Symptom: {failure.symptom}" in row["message"], row["message"]
+    assert re.search(r"the system: the self-test did not finish in \d+(\.\d+)? s", row["message"]), row["message"]
+
+
+def test_time_to_detect_comes_from_polling_and_moves_when_the_twin_reacts_more_slowly(tmp_path: Path) -> None:
+    """The same black-holed S3 against the twin as it is (3 s S3 bound) and a copy whose bound is 7 s."""
+    figures = {}
+    for label, bound in (("as is", None), ("slowed", "7000")):
+        copy = _twin_copy(tmp_path / label.replace(" ", "-"))
+        if bound:
+            _change(copy, S3_CLIENT, "DEFAULT_S3_TIMEOUT_MS = 3000", f"DEFAULT_S3_TIMEOUT_MS = {bound}")
+        done, summary = _run_item(copy, tmp_path / f"reports-{label.replace(' ', '-')}", "blackhole")
+        row = next(row for row in summary.get("items", []) if row["id"] == S3_ITEM)
+        assert row["outcome"] == "pass", (label, row["message"], done.stdout[-2000:])
+        figures[label] = row["time_to_detect_s"]
+    assert figures["as is"] is not None and figures["slowed"] is not None
+    # Each S3 call waits its bound once before the self-test step and the archive write fail: 4 s more at least.
+    assert figures["slowed"] - figures["as is"] >= 3.0, figures

@@ -1,6 +1,8 @@
 """Most Common Failures: Live WS disabled.
 
 The runbook: the live run fails with the code its symptom names; the fix is the env value its fix names.
+Observed from outside: the live runner's journal carries the code, the fake exchange sees no connection from it,
+and after the fix it connects and a canary run passes with the fixed value.
 """
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import pytest
 
 from harness import kit
 from harness.environment import QuantLabEnvironment
+from harness.experiment import Action, Experiment, Observation, Probe, holds
 from harness.journal import Journal
-from harness.ports import eventually
 from harness.runbook import Runbook
 
 ITEM = "failure:live-ws-disabled"
+REFUSAL_DEADLINE_S = 20.0  # the live runner refuses at start; Restart= may bring it back meanwhile
+CONNECT_DEADLINE_S = 15.0
 
 
 @pytest.mark.runbook(ITEM)
@@ -21,42 +25,41 @@ def test_live_ws_disabled(quantlab: QuantLabEnvironment, runbook_model: Runbook,
     code = failure.symptom_ids.codes[0]
     enable = failure.fix_ids.env()
     flag = next(iter(enable))
+    known: set[int] = set()
 
-    with journal.steady_state("observer up; a healthy canary run archived and audited"):
-        quantlab.start("observer")
-        _, before = kit.baseline(quantlab, runbook_model)
-        connections_before = len(quantlab.exchange.record().connections)
+    def refused() -> Observation:
+        logged = code in "\n".join(quantlab.logs("live"))
+        new = [c.id for c in quantlab.exchange.record().connections if c.id not in known]
+        status = quantlab.status("live")
+        return Observation(logged and not new, f"live runner journal {'has' if logged else 'lacks'} {code}; the exchange "
+                           f"saw {len(new)} new connection(s); service {status.active_state} ({status.n_restarts} "
+                           "restart(s))", {"code": code, "new_connections": len(new)})
 
-    with journal.inject(f"{flag} off in the live runner's env file, then start the live runner service"):
-        quantlab.edit_env("live", set={flag: "0"})
-        status = quantlab.start("live", check=False)
-        quantlab.supervisor.wait_until("live", lambda s: s.n_restarts > 0 or s.active_state in ("failed", "inactive"),
-                                       timeout=20)
-    journal_text = "\n".join(quantlab.logs("live"))
-    new_connections = len(quantlab.exchange.record().connections) - connections_before
-    journal.symptom(
-        code in journal_text and new_connections == 0,
-        expected=f"Symptom: {failure.symptom}",
-        actual=f"live runner journal {'has' if code in journal_text else 'lacks'} {code}; "
-               f"the exchange saw {new_connections} new connection(s); service {status.active_state}",
-        source=failure.symptom_source,
-        evidence={"code": code, "exchange_connections": new_connections, "journal_tail": journal_text[-600:]},
-    )
+    def connected() -> Observation:
+        new = [c.id for c in quantlab.exchange.record().open_connections if c.id not in known]
+        return Observation(bool(new), f"{len(new)} new exchange connection(s) from the live runner")
 
-    with journal.fix(f"Fix: {failure.fix}"):
-        quantlab.edit_env("live", set=enable)
-        quantlab.stop("live")
-        quantlab.start("live")
-    connected = eventually(lambda: len(quantlab.exchange.record().connections) > connections_before, timeout=15)
-    outcome = kit.canary(quantlab, runbook_model, extra_env=enable)
-    problems = kit.failed(kit.canary_checks(quantlab, outcome))
-    journal.recovered(
-        connected and not problems,
-        expected=f"after '{failure.fix}' the live run connects and the canary passes",
-        actual=f"live runner connected: {connected}; canary problems: {problems or 'none'}",
-        source=failure.fix_source,
-        evidence=kit.evidence(outcome),
-    )
-    quantlab.stop("live")
-    journal.nothing_lost(before, kit.now_snapshot(quantlab))
+    def canary_with_fix() -> Observation:
+        return kit.canary_observation(quantlab, kit.canary(quantlab, runbook_model, extra_env=enable), kit.now())
 
+    journal.run(Experiment(
+        ITEM,
+        setup=[kit.start(quantlab, "observer")],
+        steady_state=[kit.healthy_canary(quantlab, runbook_model)],
+        fault=[Action(f"{flag}=0 in the live runner's env file, then start the live runner service", lambda: (
+            known.update(c.id for c in quantlab.exchange.record().connections),
+            quantlab.edit_env("live", set={flag: "0"}),
+            quantlab.start("live", check=False)))],
+        symptom=[Probe("the live runner", refused, holds(f"Symptom: {failure.symptom}", failure.symptom_source),
+                       deadline_s=REFUSAL_DEADLINE_S)],
+        fix=[Action(f"Fix: {failure.fix} (in the live runner's env file, then restart it)", lambda: (
+            quantlab.edit_env("live", set=enable), quantlab.stop("live"), quantlab.start("live")))],
+        recovery=[
+            Probe("the live runner", connected, holds(f"after '{failure.fix}' the live run connects to the exchange",
+                                                      failure.fix_source), deadline_s=CONNECT_DEADLINE_S),
+            Probe("the runbook's canary with the fixed value", canary_with_fix,
+                  holds(f"after '{failure.fix}' the canary passes", failure.fix_source)),
+        ],
+        rollbacks=[Action("the live runner stopped", lambda: quantlab.stop("live"))],
+        snapshot=kit.snapshot_of(quantlab),
+    ))

@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from canary.checks import (
-    CanaryOutcome, Runner, SelfTestOutcome, archive_keys, check_archive, check_canary_line, check_self_test, run_self_test,
-)
+from canary.checks import Runner, archive_keys, check_archive, check_canary_line, check_self_test, run_self_test
 from canary.process import CommandResult
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.errors import HarnessError
 from harness.fakes.toxiproxy import ChaosProxy
-from harness.journal import Journal
+from harness.experiment import Action, Experiment, Observation, Probe, command_observation, holds
+from harness.journal import Journal, violation
 from harness.ports import free_port
 from harness.runbook import Failure, Runbook
 from harness.units import EnvFile
 
 ITEM = "failure:s3-archive-unreachable"
-# QuantLab sets no S3 timeout, so a fault may hang a command: it is stopped here and reported as a finding.
-DEADLINE_S = 12.0
+# A deadline of ours: QuantLab sets no S3 timeout, so a fault may hang a command; the harness stops it here and
+# reports `did not finish in N s` (never the symptom). The twin bounds each S3 call at 3 s, and its canary's run
+# (2 s), archive write and audit flush fit well inside.
+DEADLINE_S = 20.0
+RECOVERY_DEADLINE_S = 10.0
 # CONTRACT section 4: the self-test step that talks to the bucket first.
 S3_STEP = "s3_reachable"
 # CONTRACT section 7: what a live run logs when its archive write fails.
@@ -65,24 +66,26 @@ def test_s3_unreachable(mode: str, quantlab: QuantLabEnvironment, runbook_model:
     failure = runbook_model.failure("s3-archive-unreachable")
     fault = FAULTS[mode]
     journal.measure("fault", mode)
+    keys_before: set[str] = set()
 
-    with journal.steady_state("a healthy canary run archived and audited; the self-test passes"):
-        _, before = kit.baseline(quantlab, runbook_model)
-        _expect_self_test_passes(journal, kit.runner(quantlab), failure, "before the fault")
-        keys_before = set(quantlab.bucket.list_keys(ARCHIVE_ROOT))
-
-    with journal.inject(fault.description):
+    def apply() -> None:
+        keys_before.update(quantlab.bucket.list_keys(ARCHIVE_ROOT))
         fault.inject(quantlab.s3_proxy)
-        self_test, canary = _self_test_and_canary(quantlab, runbook_model, kit.runner(quantlab))
 
-    _self_test_symptom(journal, failure, self_test, mode)
-    _archive_write_symptom(journal, failure, quantlab, canary, keys_before, mode, fault)
-
-    with journal.fix(f"Fix: {failure.fix} (the endpoint is made reachable again)"):
-        _verify_archive_env(journal, failure, quantlab.quantlab_env())
-        quantlab.s3_proxy.clear()
-    _expect_recovery(journal, failure, quantlab, runbook_model, kit.runner(quantlab))
-    journal.nothing_lost(before, kit.now_snapshot(quantlab))
+    journal.run(Experiment(
+        f"{ITEM} ({mode})",
+        steady_state=[kit.healthy_canary(quantlab, runbook_model), self_test_passes(quantlab, failure)],
+        fault=[Action(fault.description, apply)],
+        symptom=[self_test_stops_at_s3(journal, failure, kit.runner(quantlab)),
+                 archive_write_fails(journal, failure, quantlab, runbook_model, keys_before, fault)],
+        symptom_together=True,  # both watch the one fault: a hang costs one deadline, not two
+        fix=[Action(f"Fix: {failure.fix}: the {', '.join(_archive_patterns(failure))} values are all set",
+                    lambda: _verify_archive_env(failure, quantlab.quantlab_env())),
+             Action("the S3 endpoint made reachable again (proxy cleared)", quantlab.s3_proxy.clear)],
+        recovery=_recovery(failure, quantlab, runbook_model, kit.runner(quantlab)),
+        rollbacks=[Action("the S3 proxy cleared", quantlab.s3_proxy.clear)],
+        snapshot=kit.snapshot_of(quantlab),
+    ))
 
 
 @pytest.mark.runbook(ITEM)
@@ -90,98 +93,82 @@ def test_s3_wrong_endpoint_in_env_file(quantlab: QuantLabEnvironment, runbook_mo
     failure = runbook_model.failure("s3-archive-unreachable")
     service, env_file = _archiving_env_file(quantlab)
     endpoint_name = _endpoint_variable(failure)
+    with_env_file = _with_env_file(quantlab, env_file)
+    corrected: list[str] = []
 
-    with journal.steady_state(f"a healthy canary run archived; the self-test passes with {service}'s env file"):
-        _, before = kit.baseline(quantlab, runbook_model)
-        _expect_self_test_passes(journal, _with_env_file(quantlab, env_file), failure, "before the fault")
-
-    with journal.inject(f"{endpoint_name} in {env_file.name} points at a port where nothing listens"):
-        quantlab.edit_env(service, set={endpoint_name: f"http://127.0.0.1:{free_port()}"})
-        self_test = run_self_test(_with_env_file(quantlab, env_file), DEADLINE_S)
-    _self_test_symptom(journal, failure, self_test, "wrong endpoint")
-
-    with journal.fix(f"Fix: {failure.fix} (the env file's values are compared with the known-good ones)"):
-        corrected = _correct_archive_env(journal, failure, quantlab, service, env_file)
+    journal.run(Experiment(
+        f"{ITEM} (wrong endpoint in {env_file.name})",
+        steady_state=[kit.healthy_canary(quantlab, runbook_model), self_test_passes(quantlab, failure, with_env_file)],
+        fault=[Action(f"{endpoint_name} in {env_file.name} points at a port where nothing listens",
+                      lambda: quantlab.edit_env(service, set={endpoint_name: f"http://127.0.0.1:{free_port()}"}))],
+        symptom=[self_test_stops_at_s3(journal, failure, with_env_file)],
+        fix=[Action(f"Fix: {failure.fix} (the env file's values compared with the known-good ones and corrected)",
+                    lambda: corrected.extend(_correct_archive_env(failure, quantlab, service, env_file)))],
+        # Observed under the corrected env file, not the harness's own known-good values.
+        recovery=_recovery(failure, quantlab, runbook_model, with_env_file,
+                           canary_env=lambda: EnvFile.read(env_file).values),
+        snapshot=kit.snapshot_of(quantlab),
+    ))
     journal.measure("corrected_variables", corrected)
-    _expect_recovery(journal, failure, quantlab, runbook_model, _with_env_file(quantlab, env_file),
-                     canary_env=EnvFile.read(env_file).values)
-    journal.nothing_lost(before, kit.now_snapshot(quantlab))
 
 
-# -- fault outcomes ----------------------------------------------------------------------------------------
+# -- probes ------------------------------------------------------------------------------------------------
 
 
-def _self_test_and_canary(quantlab: QuantLabEnvironment, runbook: Runbook,
-                          runner: Runner) -> tuple[SelfTestOutcome, CanaryOutcome]:
-    """Both at once, so a fault that hangs them costs one deadline, not two."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        self_test = pool.submit(run_self_test, runner, DEADLINE_S)
-        canary = pool.submit(kit.canary, quantlab, runbook, timeout=DEADLINE_S)
-        return self_test.result(), canary.result()
+def self_test_passes(quantlab: QuantLabEnvironment, failure: Failure, runner: Runner | None = None) -> Probe:
+    return Probe("the self-test", lambda: check_self_test(runner or kit.runner(quantlab), DEADLINE_S),
+                 holds("the self-test passes every step", failure.source))
 
 
-def _self_test_symptom(journal: Journal, failure: Failure, outcome: SelfTestOutcome, mode: str) -> None:
-    took = round(outcome.result.duration_s, 3)
-    hung = outcome.result.timed_out
-    journal.measure("self_test_time_to_fail_s", took)
-    journal.measure("self_test_hung", hung)
-    if hung:
-        journal.finding(
-            f"self-test hangs (S3 fault: {mode})",
-            f"the self-test had not finished after {took} s ({outcome.failed_step or 'no step'} not passed) and was "
-            "stopped; QuantLab sets no S3 timeout, so an operator waits forever. Give the S3 client a request timeout.",
-        )
-    stopped_at_s3 = outcome.failed_step == S3_STEP
-    passed = outcome.result.code == 0 and not hung
-    journal.symptom(
-        stopped_at_s3,
-        expected=f"Symptom: {failure.symptom} (the self-test stops at {S3_STEP})",
-        actual=("the self-test passed every step with S3 unreachable" if passed else
+def self_test_stops_at_s3(journal: Journal, failure: Failure, runner: Runner) -> Probe:
+    """The self-test, run while S3 is unreachable, fails at its S3 step (exit non-zero), within our deadline."""
+
+    def observe() -> Observation:
+        started = kit.now()
+        outcome = run_self_test(runner, DEADLINE_S)
+        journal.measure("self_test_time_to_fail_s", round(outcome.result.duration_s, 3))
+        passed = outcome.result.code == 0 and not outcome.result.timed_out
+        seen = ("the self-test passed every step with S3 unreachable" if passed else
                 f"the self-test stopped at {outcome.failed_step} (steps passed: {outcome.steps or 'none'}; "
-                f"exit {outcome.result.code}; error: {outcome.error})"),
-        source=failure.symptom_source,
-        evidence={"steps": outcome.steps, "error": outcome.error, "exit_code": outcome.result.code,
-                  "duration_s": took, "timed_out": hung},
-    )
+                f"exit {outcome.result.code}; error: {outcome.error})")
+        return command_observation(outcome.result, outcome.failed_step == S3_STEP and outcome.result.code not in (0, None),
+                                   seen, {"steps": outcome.steps, "error": outcome.error}, started=started)
+
+    return Probe("the self-test", observe,
+                 holds(f"Symptom: {failure.symptom} (the self-test fails at {S3_STEP})", failure.symptom_source))
 
 
-def _archive_write_symptom(journal: Journal, failure: Failure, quantlab: QuantLabEnvironment, canary: CanaryOutcome,
-                           keys_before: set[str], mode: str, fault: Fault) -> None:
-    """A live run's archive write fails: it says so (or hangs), the canary fails, and the run has no archive."""
-    took = round(canary.result.duration_s, 3)
-    hung = canary.result.timed_out
-    journal.measure("canary_time_to_fail_s", took)
-    errors = _archive_errors(canary.result)
-    new_keys = sorted(set(quantlab.bucket.list_keys(ARCHIVE_ROOT)) - keys_before)
-    verdict = check_canary_line(canary)
-    run_ids = sorted({str(line["live_run_id"]) for line in errors if line.get("live_run_id")})
-    archives = [check_archive(quantlab.bucket, run_id) for run_id in run_ids]
-    if hung:
-        journal.finding(
-            f"canary hangs (S3 fault: {mode})",
-            f"the canary had not finished after {took} s and was stopped"
-            + ("" if errors else f", with no {ARCHIVE_ERROR_EVENT} logged, so nothing told the operator why")
-            + "; QuantLab sets no S3 timeout. Give the S3 client a request timeout.",
-        )
-    if new_keys and fault.requests_reach_s3:
-        journal.finding(
-            f"partial archive (S3 fault: {mode})",
-            f"the run's archive write failed ({ARCHIVE_ERROR_EVENT}), yet {len(new_keys)} object(s) landed "
-            f"({', '.join(k.rsplit('/', 1)[-1] for k in new_keys)}): a reader sees a half-archived run that QuantLab "
-            "marked ERROR. Write the manifest last, or remove partial objects after a failed write.",
-        )
-    nothing_written = not new_keys or fault.requests_reach_s3
-    incomplete = all(not result.ok for result in archives)
-    write_failed = (bool(errors) or hung) and not verdict.ok and incomplete and nothing_written
-    journal.symptom(
-        write_failed,
-        expected=f"Symptom: {failure.symptom} (the live run's archive write fails and no archive is written)",
-        actual=f"{ARCHIVE_ERROR_EVENT} lines: {len(errors)}; canary: {verdict.message}; "
-               f"new archive objects: {new_keys[:3] or 'none'}",
-        source=failure.symptom_source,
-        evidence={**kit.evidence(canary), "archive_errors": errors[:3], "new_keys": new_keys[:6],
-                  "archive_checks": [result.to_dict() for result in archives], "timed_out": hung},
-    )
+def archive_write_fails(journal: Journal, failure: Failure, quantlab: QuantLabEnvironment, runbook: Runbook,
+                        keys_before: set[str], fault: Fault) -> Probe:
+    """A live run (the canary's) while S3 is unreachable: its archive write fails, says so, and leaves no archive."""
+
+    def observe() -> Observation:
+        started = kit.now()
+        canary = kit.canary(quantlab, runbook, timeout=DEADLINE_S)
+        journal.measure("canary_time_to_fail_s", round(canary.result.duration_s, 3))
+        errors = _archive_errors(canary.result)
+        new_keys = sorted(set(quantlab.bucket.list_keys(ARCHIVE_ROOT)) - keys_before)
+        verdict = check_canary_line(canary)
+        run_ids = sorted({str(line["live_run_id"]) for line in errors if line.get("live_run_id")})
+        archives = [check_archive(quantlab.bucket, run_id) for run_id in run_ids]
+        if new_keys and fault.requests_reach_s3 and errors:
+            journal.finding(
+                "partial archive after a failed write",
+                f"the run's archive write failed ({ARCHIVE_ERROR_EVENT}), yet {len(new_keys)} object(s) landed "
+                f"({', '.join(k.rsplit('/', 1)[-1] for k in new_keys)}): a reader sees a half-archived run that "
+                "QuantLab marked ERROR. Write the manifest last, or remove partial objects after a failed write.",
+                severity="warning", source=failure.symptom_source)
+        nothing_written = not new_keys or fault.requests_reach_s3
+        write_failed = bool(errors) and not verdict.ok and all(not a.ok for a in archives) and nothing_written
+        seen = (f"{ARCHIVE_ERROR_EVENT} lines: {len(errors)}; canary: {verdict.message}; "
+                f"new archive objects: {new_keys[:3] or 'none'}")
+        return command_observation(canary.result, write_failed, seen,
+                                   {**kit.evidence(canary), "archive_errors": errors[:3], "new_keys": new_keys[:6],
+                                    "archive_checks": [a.to_dict() for a in archives]}, started=started)
+
+    return Probe("the canary's live run", observe,
+                 holds(f"Symptom: {failure.symptom} (the live run's archive write fails, it logs "
+                       f"{ARCHIVE_ERROR_EVENT}, and no archive is written)", failure.symptom_source))
 
 
 def _archive_errors(result: CommandResult) -> list[dict[str, object]]:
@@ -192,26 +179,20 @@ def _archive_errors(result: CommandResult) -> list[dict[str, object]]:
 # -- fix and recovery --------------------------------------------------------------------------------------
 
 
-def _expect_self_test_passes(journal: Journal, runner: Runner, failure: Failure, when: str) -> None:
-    result = check_self_test(runner, DEADLINE_S)
-    journal.expect(result.ok, expected=f"the self-test passes {when}", actual=result.message,
-                   source=failure.source, evidence=result.evidence)
+def _recovery(failure: Failure, quantlab: QuantLabEnvironment, runbook: Runbook, runner: Runner,
+              canary_env: Callable[[], Mapping[str, str]] | None = None) -> list[Probe]:
+    def canary_passes() -> Observation:
+        started = kit.now()
+        outcome = kit.canary(quantlab, runbook, extra_env=canary_env() if canary_env else None)
+        return kit.canary_observation(quantlab, outcome, started)
 
-
-def _expect_recovery(journal: Journal, failure: Failure, quantlab: QuantLabEnvironment, runbook: Runbook,
-                     runner: Runner, canary_env: Mapping[str, str] | None = None) -> None:
-    self_test = check_self_test(runner, DEADLINE_S)
-    outcome = kit.canary(quantlab, runbook, extra_env=canary_env)
-    problems = kit.failed(kit.canary_checks(quantlab, outcome))
-    if not self_test.ok:
-        problems.insert(0, f"self_test: {self_test.message}")
-    journal.recovered(
-        not problems,
-        expected=f"after '{failure.fix}' the self-test passes and a new canary run is archived",
-        actual=f"problems: {problems or 'none'}",
-        source=failure.fix_source,
-        evidence={**kit.evidence(outcome), "self_test": self_test.evidence},
-    )
+    return [
+        Probe("the self-test", lambda: check_self_test(runner, DEADLINE_S),
+              holds(f"after '{failure.fix}' the self-test passes every step", failure.fix_source),
+              deadline_s=RECOVERY_DEADLINE_S),
+        Probe("the runbook's canary", canary_passes,
+              holds(f"after '{failure.fix}' a new canary run passes and is archived", failure.fix_source)),
+    ]
 
 
 def _archive_patterns(failure: Failure) -> list[str]:
@@ -235,29 +216,25 @@ def _endpoint_variable(failure: Failure) -> str:
                 "to check the S3 endpoint; name the archive's S3 env values in the fix.")
 
 
-def _verify_archive_env(journal: Journal, failure: Failure, env: Mapping[str, str]) -> None:
+def _verify_archive_env(failure: Failure, env: Mapping[str, str]) -> None:
     """The fix's first step: the archive's S3 values the runbook names are all set (they are not the cause here)."""
     named = sorted(name for name in env if _covered(name, failure))
     empty = [name for name in named if not env[name].strip()]
-    journal.expect(bool(named) and not empty,
-                   expected=f"the {', '.join(_archive_patterns(failure))} values the fix names are set",
-                   actual=f"set: {named}; empty: {empty}", source=failure.fix_source, evidence={"checked": named})
+    if not named or empty:
+        raise violation(failure.fix_source, f"the {', '.join(_archive_patterns(failure))} values the fix names are set",
+                        f"set: {named}; empty: {empty}")
 
 
-def _correct_archive_env(journal: Journal, failure: Failure, quantlab: QuantLabEnvironment, service: str,
-                         env_file: Path) -> list[str]:
+def _correct_archive_env(failure: Failure, quantlab: QuantLabEnvironment, service: str, env_file: Path) -> list[str]:
     """Compares the env file's archive values the runbook names with the known-good ones and corrects them."""
     good = quantlab.service_env(service)
     current = EnvFile.read(env_file).values
     wrong = sorted(name for name, value in current.items() if name in good and good[name] != value)
     fixable = [name for name in wrong if _covered(name, failure)]
-    journal.expect(
-        bool(wrong) and fixable == wrong,
-        expected=f"the fix's {', '.join(_archive_patterns(failure))} covers every wrong value in the env file",
-        actual=f"wrong: {wrong}; covered by the fix: {fixable}",
-        source=failure.fix_source,
-        evidence={"wrong": wrong},
-    )
+    if not wrong or fixable != wrong:
+        raise violation(failure.fix_source,
+                        f"the fix's {', '.join(_archive_patterns(failure))} covers every wrong value in the env file",
+                        f"wrong: {wrong}; covered by the fix: {fixable}")
     quantlab.edit_env(service, set={name: good[name] for name in fixable})
     return fixable
 

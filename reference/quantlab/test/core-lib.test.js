@@ -7,7 +7,9 @@ import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { SECRET_ENV_NAMES, envBool, envInt, envStr, loadDotEnv } from '../core/lib/env.js';
 import { logEvent, redact } from '../core/lib/log.js';
-import { archiveSettings, canonicalJson } from '../core/lib/s3.js';
+import net from 'node:net';
+import { ListObjectsV2Command } from '@aws-sdk/client-s3';
+import { archiveSettings, canonicalJson, createS3Client, s3TimeoutMs } from '../core/lib/s3.js';
 
 test('envBool: 1, true and yes (any case, trimmed) are on; anything else is off', () => {
   for (const value of ['1', 'true', 'TRUE', ' yes ', 'Yes']) assert.equal(envBool('X', false, { X: value }), true, value);
@@ -82,4 +84,27 @@ test('archiveSettings reads the RUN_ARCHIVE_* variables', () => {
     RUN_ARCHIVE_S3_ACCESS_KEY: 'a', RUN_ARCHIVE_S3_SECRET_KEY: 's',
   });
   assert.deepEqual(s, { enabled: true, bucket: 'b', endpoint: 'http://h', accessKeyId: 'a', secretAccessKey: 's' });
+});
+
+test('s3TimeoutMs: a positive integer of ms, else 3000', () => {
+  assert.equal(s3TimeoutMs({}), 3000);
+  assert.equal(s3TimeoutMs({ RUN_ARCHIVE_S3_TIMEOUT_MS: '750' }), 750);
+  assert.equal(s3TimeoutMs({ RUN_ARCHIVE_S3_TIMEOUT_MS: '0' }), 3000);
+  assert.equal(s3TimeoutMs({ RUN_ARCHIVE_S3_TIMEOUT_MS: 'soon' }), 3000);
+});
+
+test('createS3Client: a call to an S3 that accepts and never answers fails within the bound', async () => {
+  const sockets = [];
+  const server = net.createServer((socket) => sockets.push(socket)); // a black hole: reads nothing, answers nothing
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const client = createS3Client({ endpoint: `http://127.0.0.1:${server.address().port}`, accessKeyId: 'a', secretAccessKey: 'b' }, 400);
+    const started = Date.now();
+    await assert.rejects(client.send(new ListObjectsV2Command({ Bucket: 'b', MaxKeys: 1 })),
+      (err) => err.name === 'S3Timeout' && /did not answer within 400 ms/.test(err.message));
+    assert.ok(Date.now() - started < 3000, `took ${Date.now() - started} ms`);
+  } finally {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  }
 });

@@ -55,7 +55,7 @@ export class AuditWriter {
   /**
    * @param {{spoolDir:string, enabled?:boolean, s3Client?:any, bucket?:string|null, actor?:string, awaitUpload?:boolean}} opts
    *   awaitUpload: when false (default) the S3 copy runs in the background so a slow bucket
-   *   never delays the caller (QuantLab sets no S3 timeout); flush() waits for it.
+   *   never delays the caller (each S3 call is bounded by RUN_ARCHIVE_S3_TIMEOUT_MS); flush() waits for it.
    */
   constructor({ spoolDir, enabled = true, s3Client = null, bucket = null, actor = 'system', awaitUpload = false }) {
     this.spoolDir = spoolDir || DEFAULT_SPOOL_DIR;

@@ -1,6 +1,20 @@
 // S3 settings, client and canonical JSON shared by the archive and the audit writers.
 import { S3Client } from '@aws-sdk/client-s3';
-import { envBool, envStr } from './env.js';
+import { envBool, envInt, envStr } from './env.js';
+
+/** The twin's bound on every S3 call, in ms (QuantLab itself sets none). */
+export const S3_TIMEOUT_ENV = 'RUN_ARCHIVE_S3_TIMEOUT_MS';
+export const DEFAULT_S3_TIMEOUT_MS = 3000;
+
+/**
+ * The S3 call bound from the environment: a positive integer of ms, else the default.
+ * @param {Record<string,string|undefined>} [env]
+ * @returns {number}
+ */
+export function s3TimeoutMs(env = process.env) {
+  const value = envInt(S3_TIMEOUT_ENV, DEFAULT_S3_TIMEOUT_MS, env);
+  return value > 0 ? value : DEFAULT_S3_TIMEOUT_MS;
+}
 
 /**
  * Archive settings from the environment (CONTRACT section 2).
@@ -18,13 +32,15 @@ export function archiveSettings(env = process.env) {
 }
 
 /**
- * An S3 client configured the way QuantLab builds it: region 'auto', path-style
- * addressing, static credentials. QuantLab sets no request or connection timeout,
- * and keeps the SDK's default retries, so neither is set here.
+ * An S3 client configured the way QuantLab builds it (region 'auto', path-style addressing, static
+ * credentials, the SDK's default retries), except that every call is bounded: a call given no abortSignal
+ * of its own is aborted after `timeoutMs`, and fails with an error that says S3 did not answer in time.
+ * The runbook's "self-test fails on S3 check" needs this; QuantLab sets no timeout, so its calls can hang.
  * @param {{endpoint?:string, accessKeyId?:string, secretAccessKey?:string}} settings
+ * @param {number} [timeoutMs]
  * @returns {S3Client}
  */
-export function createS3Client(settings) {
+export function createS3Client(settings, timeoutMs = s3TimeoutMs()) {
   const config = { region: 'auto', forcePathStyle: true };
   if (settings.endpoint) config.endpoint = settings.endpoint;
   if (settings.accessKeyId || settings.secretAccessKey) {
@@ -33,7 +49,21 @@ export function createS3Client(settings) {
       secretAccessKey: settings.secretAccessKey || '',
     };
   }
-  return new S3Client(config);
+  const client = new S3Client(config);
+  const send = client.send.bind(client);
+  client.send = async (command, options = {}) => {
+    if (options.abortSignal) return send(command, options);
+    const signal = AbortSignal.timeout(timeoutMs);
+    try {
+      return await send(command, { ...options, abortSignal: signal });
+    } catch (err) {
+      if (!signal.aborted) throw err;
+      const timeout = new Error(`S3 did not answer within ${timeoutMs} ms (${command.constructor.name})`);
+      timeout.name = 'S3Timeout';
+      throw timeout;
+    }
+  };
+  return client;
 }
 
 /**

@@ -177,7 +177,7 @@ export function stopOnSignals(run) {
 }
 
 /**
- * Wait for background audit uploads, but not forever (QuantLab's S3 calls have no timeout).
+ * Wait for background audit uploads, but not forever (each upload is bounded by the S3 timeout; this bounds them all).
  * @param {AuditWriter} audit
  * @param {number} [ms]
  * @returns {Promise<void>}
