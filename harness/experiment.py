@@ -108,7 +108,9 @@ class Experiment:
 
     title: str
     steady_state: Sequence[Probe]
-    setup: Sequence[Action] = ()  # brings the system to its steady state (start the observer, a live run)
+    # Brings the system to its steady state, in order (start the observer, a healthy canary, a live run): an Action
+    # is done, a Probe is judged as part of the steady state, so what a later step needs is proven first.
+    setup: Sequence[Action | Probe] = ()
     # Promises judged on the steady system, before any fault (a command's answers, a unit file's settings); a
     # scenario without a fault may consist of these alone.
     checks: Sequence[Probe] = ()
@@ -138,7 +140,8 @@ class Experiment:
             refusals.append("it applies a fix but observes no recovery")
         if self.recovery and not self.fix:
             refusals.append("it observes a recovery without applying a fix")
-        for probe in [*self.steady_state, *self.checks, *self.symptom, *self.recovery]:
+        setup_probes = [item for item in self.setup if not isinstance(item, Action)]
+        for probe in [*setup_probes, *self.steady_state, *self.checks, *self.symptom, *self.recovery]:
             if not isinstance(probe, Probe) or not callable(probe.observe) or not isinstance(probe.tolerance, Tolerance):
                 refusals.append(f"{probe!r} is not a Probe with an observe function and a tolerance")
             elif probe.deadline_s < 0 or probe.interval_s <= 0:
@@ -343,7 +346,8 @@ class Runner:
                 run.recovered_at = _last_held(run, RECOVERY)
                 journal.mark("recovered", run.recovered_at)
             if experiment.fault:
-                self._judge(STEADY_AFTER, [p for p in experiment.steady_state if p.recheck], run)
+                probes = [p for p in [*experiment.setup, *experiment.steady_state] if isinstance(p, Probe)]
+                self._judge(STEADY_AFTER, [p for p in probes if p.recheck], run)
             if before is not None and experiment.snapshot is not None:
                 self._nothing_lost(before, experiment.snapshot(), run)
         finally:
@@ -366,6 +370,9 @@ class Runner:
         from harness.services import ServiceFailed
 
         for action in experiment.setup:
+            if isinstance(action, Probe):
+                self._steady_probe(action, run)
+                continue
             with self.journal.step("setup", action.name):
                 try:
                     action.run()
@@ -380,9 +387,12 @@ class Runner:
                     raise SteadyStateNotReached(f"{action.name}: {exc}", blocked_by=action.blocks or getattr(
                         exc, "blocks_item", None)) from exc
         for probe in experiment.steady_state:
-            judgement = self._one(STEADY, probe, run)
-            if not judgement.held:
-                raise SteadyStateNotReached(f"{probe.tolerance.says}: {judgement.seen}", blocked_by=probe.blocks)
+            self._steady_probe(probe, run)
+
+    def _steady_probe(self, probe: Probe, run: Run) -> None:
+        judgement = self._one(STEADY, probe, run)
+        if not judgement.held:
+            raise SteadyStateNotReached(f"{probe.tolerance.says}: {judgement.seen}", blocked_by=probe.blocks)
 
     def _act(self, phase: str, actions: Sequence[Action], run: Run) -> float | None:
         """Runs the actions in order; the time the last one finished (the fault applied), or None when the system

@@ -1,7 +1,8 @@
-"""The journal of one runbook scenario: steady state, inject, symptom, fix, recovery, nothing lost.
+"""The journal of one runbook scenario: it runs the scenario's experiment (harness.experiment) and records it.
 
-A scenario talks to its journal in the runbook's terms, and the journal measures time to detect and time to
-recover, keeps evidence, and fails with a message that quotes the runbook line the system disagreed with.
+Every judged observation and action is a step with its evidence; the moments the fault was applied, the symptom
+first held, the fix was applied and recovery first held give time to detect and time to recover; findings carry a
+severity. The journal is saved into the test's report, and the summaries are made from it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Any, TypeVar
 import allure
 
 from harness.experiment import SEVERITIES, Experiment, ExperimentError, Run, Runner
-from harness.outcomes import SteadyStateNotReached
 from harness.runbook import RunbookItem, Source
 
 T = TypeVar("T")
@@ -130,63 +130,7 @@ class Journal:
         finally:
             step.duration_s = time.monotonic() - started
 
-    @contextmanager
-    def steady_state(self, description: str, *, needs: str | None = None) -> Iterator[Step]:
-        """The steady state before any fault. Whatever keeps it from being reached (a service that does not start,
-        an expectation that does not hold, the canary failing) makes the scenario `blocked`, not failed: `needs` is
-        the runbook item whose own failure would block it (a service that does not start blocks on start-stop)."""
-        from canary.checks import TargetUnreachable
-        from harness.services import ServiceFailed
-
-        try:
-            with self.step("steady_state", description) as step:
-                yield step
-        except SteadyStateNotReached:
-            raise
-        except ServiceFailed as exc:
-            raise SteadyStateNotReached(f"{description}: {exc}", blocked_by=needs or "start-stop") from exc
-        except TargetUnreachable as exc:
-            raise SteadyStateNotReached(f"{description}: {exc}", blocked_by=needs or "health-checks") from exc
-        except AssertionError as exc:
-            raise SteadyStateNotReached(f"{description}: {exc}",
-                                        blocked_by=needs or getattr(exc, "blocks_item", None)) from exc
-
-    def inject(self, description: str) -> Any:
-        self._injected_at = time.monotonic()
-        return self.step("inject", description)
-
-    def fix(self, description: str) -> Any:
-        self._fixed_at = time.monotonic()
-        return self.step("fix", description)
-
     # -- outcomes ------------------------------------------------------------------------------------
-
-    def symptom(self, observed: bool, *, expected: str, actual: str, source: Source | None = None,
-                evidence: Mapping[str, Any] | None = None) -> None:
-        """The runbook's symptom was (or was not) seen; not seeing it fails the scenario, quoting the runbook."""
-        self._record("symptom", expected, observed, evidence)
-        self.symptom_observed = observed
-        if observed and self._detected_at is None:
-            self._detected_at = time.monotonic()
-        if not observed:
-            raise violation(source, expected, actual)
-
-    def recovered(self, observed: bool, *, expected: str, actual: str, source: Source | None = None,
-                  evidence: Mapping[str, Any] | None = None) -> None:
-        """The runbook's fix worked (or did not); a fix that does not cure fails the scenario, quoting the runbook."""
-        self._record("recovery", expected, observed, evidence)
-        self.fix_verified = observed
-        if observed:
-            self._recovered_at = time.monotonic()
-        if not observed:
-            raise violation(source, expected, actual)
-
-    def expect(self, condition: bool, *, expected: str, actual: str, source: Source | None = None,
-               evidence: Mapping[str, Any] | None = None) -> None:
-        """Any other promise of the runbook (a steady state, a default, a step's effect)."""
-        self._record("check", expected, condition, evidence)
-        if not condition:
-            raise violation(source, expected, actual)
 
     def finding(self, title: str, detail: str, severity: str = "warning", source: Source | None = None) -> None:
         if severity not in SEVERITIES:
@@ -195,19 +139,6 @@ class Journal:
 
     def measure(self, name: str, value: Any) -> None:
         self.measurements[name] = value
-
-    def nothing_lost(self, before: Snapshot, after: Snapshot) -> None:
-        """Every audit spool file and bucket object that existed before is still there, unchanged."""
-        lost = [f"spool {name}" for name, digest in before.spool.items() if after.spool.get(name) != digest]
-        lost += [f"s3 {key}" for key, etag in before.bucket.items() if after.bucket.get(key) != etag]
-        self._record("nothing_lost", "earlier audit lines and archive objects stay intact", not lost,
-                     {"checked": len(before.spool) + len(before.bucket), "lost_or_changed": lost[:20]})
-        if lost:
-            raise violation(None, "nothing is lost: earlier audit lines and archive objects stay intact",
-                            f"{len(lost)} lost or changed: {', '.join(lost[:5])}")
-
-    def _record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None) -> None:
-        self.record(kind, description, ok, evidence)
 
     def record(self, kind: str, description: str, ok: bool, evidence: Mapping[str, Any] | None, *,
                seen: str | None = None, duration_s: float = 0.0) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from canary.checks import (
 from canary.process import CommandResult
 from harness import reaper
 from harness.environment import QuantLabEnvironment
+from harness.errors import HarnessError
 from harness.experiment import Action, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, RunbookViolation, Snapshot, snapshot, violation
 from harness.outcomes import SteadyStateNotReached
@@ -200,6 +202,23 @@ def observer_facts(env: QuantLabEnvironment, method: str = "GET", path: str = "/
         except httpx.TransportError as exc:
             facts += f"; there {method} {path} got no answer ({type(exc).__name__})"
     return facts
+
+
+# Services whose env file holds the archive settings, most relevant first: the file an operator loads to run the
+# canary or the self-test on the host.
+ARCHIVING_SERVICES = ("live", "observer")
+
+
+def archiving_env_file(env: QuantLabEnvironment) -> tuple[str, Path] | None:
+    """(service, env file) of the first archiving service whose unit has an EnvironmentFile=, or None."""
+    for service in ARCHIVING_SERVICES:
+        try:
+            wiring = env.wiring(service)
+        except HarnessError:
+            continue
+        if wiring.env_file is not None:
+            return service, wiring.env_file
+    return None
 
 
 def has_service(env: QuantLabEnvironment, role: str) -> bool:

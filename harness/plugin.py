@@ -81,17 +81,19 @@ def _isolate(config: pytest.Config) -> None:
 
 def _register_report(config: pytest.Config, out_dir: Path) -> None:
     from harness.reporting import RunbookReport
+    from harness.target import accepted_findings
 
     try:
         target = Target.load(config.getoption("quantlab_root"), config.getoption("runbook"))
         runbook = load_runbook(target.runbook)
+        accepted = accepted_findings(target.root)
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from exc
     drift_file = config.getoption("runbook_drift")
     drift = json.loads(Path(drift_file).read_text()) if drift_file else []
     allure_dir = config.getoption("allure_report_dir", None)
     report = RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
-                           config.getoption("runbook_item"))
+                           config.getoption("runbook_item"), accepted)
     report.isolation = run_isolation(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
     config.pluginmanager.register(report, "runbook-report")
 
@@ -306,5 +308,8 @@ def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[
     try:
         yield entry
     finally:
+        for finding in entry.findings:  # in the test's own allure result, not only in the summaries
+            with allure.step(f"finding [{finding.severity}]: {finding.title}"):
+                allure.attach(finding.detail, name=f"finding: {finding.title}", attachment_type=allure.attachment_type.TEXT)
         # user_properties travel from xdist workers to the controller and into the JUnit XML.
         request.node.user_properties.append(("runbook_journal", json.dumps(entry.to_dict(), default=str)))

@@ -6,7 +6,11 @@ Schema of summary.json (stable, documented in reports/README.md):
 {"target", "runbook", "started_at", "duration_s",
  "items": [{"id", "section", "title", "line", "outcome": "pass"|"fail"|"drift"|"blocked"|"error", "message" (one
             sentence), "blocked_by", "symptom_observed", "fix_verified", "time_to_detect_s", "time_to_recover_s",
-            "tests": [{"nodeid", "outcome", "message", "blocked_by", "detail"}], "drift", "findings", "measurements"}],
+            "tests": [{"nodeid", "outcome", "message", "blocked_by", "detail"}], "drift",
+            "findings": [{"title", "detail", "severity": "info"|"warning"|"defect", "source"}],
+            "deviations": [{"phase", "says", "seen", "line"}], "measurements"}],
+ "beyond": [{"id": "beyond:hostile-exchange"|"beyond:security-probes"|"beyond:target-secrets", "title", "outcome",
+             "message", "tests", "findings": [{"name", "title", "detail", "severity", "accepted": {"by", "reason"}}]}],
  "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "drift", "blocked", "error"},
  "exit_code", "isolation",
  "security": {"tests", "probes", "findings", "failures", "ports"},
@@ -21,18 +25,27 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from harness.outcomes import DRIFT, ERROR, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
+from harness.outcomes import DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.runbook import Runbook, RunbookItem
+from harness.target import PROFILE_FILE, Acceptance
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SECURITY_MARKER = "security"
 SECURITY_PROPERTY = "security_probes"
+SECURITY_ROW, HOSTILE_ROW, SECRETS_ROW = "beyond:security-probes", "beyond:hostile-exchange", "beyond:target-secrets"
+# Rows beyond the runbook that tests feed, by the marker their tests carry.
+BEYOND_MARKERS = {
+    HOSTILE_ROW: ("hostile", "Hostile exchange (junk, repeats, out-of-order events, drops, stalls)"),
+    SECURITY_ROW: (SECURITY_MARKER, "Security probes (open ports, credentials, rate limits)"),
+}
 MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
+SEVERITY_ORDER = ("defect", "warning", "info")
 ALLURE_CATEGORIES = [
     {"name": "Runbook drift (the runbook's text no longer matches the system)", "messageRegex": r"(?s).*\[drift\].*",
      "matchedStatuses": ["failed", "broken"]},
@@ -118,6 +131,7 @@ class ItemSummary:
                        "detail": t.detail} for t in self.tests],
             "drift": self.drift,
             "findings": [f for j in journals for f in j.get("findings", [])],
+            "deviations": [d for j in journals for d in j.get("deviations", [])],
             "measurements": {k: v for j in journals for k, v in j.get("measurements", {}).items()},
         }
 
@@ -140,8 +154,10 @@ class RunbookReport:
     """Collects results per runbook item and writes summary.json / summary.md at the end of the session."""
 
     def __init__(self, out_dir: Path, runbook: Runbook, target_root: Path, drift: list[dict[str, Any]] | None = None,
-                 allure_dir: Path | None = None, selected: list[str] | None = None) -> None:
+                 allure_dir: Path | None = None, selected: list[str] | None = None,
+                 accepted: Mapping[str, Acceptance] | None = None) -> None:
         self.selected = set(selected or [])
+        self.accepted = dict(accepted or {})
         self.out_dir = out_dir
         self.runbook = runbook
         self.target_root = target_root
@@ -153,6 +169,7 @@ class RunbookReport:
         self.security: dict[str, dict[str, Any]] = {}  # nodeid -> {"outcome", "report"} of each security scenario
         self.blocks: dict[str, Any] = {}  # further top-level blocks other plugins add (e.g. "secrets")
         self.isolation: str = ""  # how environments are kept apart (network namespaces or port locks)
+        self.beyond_tests: dict[str, dict[str, TestOutcome]] = {}  # row id -> nodeid -> outcome
 
     def set_block(self, name: str, data: Any) -> None:
         """Adds (or replaces) a top-level block of summary.json; the next write() includes it."""
@@ -161,6 +178,10 @@ class RunbookReport:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
         self._note_security(report, props)
+        for row_id, (marker, _) in BEYOND_MARKERS.items():
+            if marker in report.keywords:
+                tests = self.beyond_tests.setdefault(row_id, {})
+                tests.setdefault(report.nodeid, TestOutcome(report.nodeid, row_id)).note(report)
         item = props.get("runbook_item")
         if not item:
             return
@@ -187,7 +208,6 @@ class RunbookReport:
         """Every security scenario's probes, findings and failures; target secret leaks are findings too."""
         reports = [entry["report"] or {} for entry in self.security.values()]
         findings = [f for r in reports for f in r.get("findings", [])]
-        findings += target_leak_findings((self.blocks.get("secrets") or {}).get("target_leaks", []))
         return {
             "tests": [{"nodeid": nodeid, "outcome": e["outcome"], "message": e["message"]} for nodeid, e in self.security.items()],
             "probes": [p for r in reports for p in r.get("probes", [])],
@@ -195,6 +215,22 @@ class RunbookReport:
             "failures": [f for r in reports for f in r.get("failures", [])],
             "ports": {service: sockets for r in reports for service, sockets in r.get("ports", {}).items()},
         }
+
+    def beyond_rows(self) -> list[dict[str, Any]]:
+        """Rows beyond the runbook: the hostile-exchange checks, the security probes and the secrets the target
+        wrote. A defect among their findings fails its row unless the checkout's profile accepts it by name."""
+        rows = []
+        security = self.security_block()
+        leaks = (self.blocks.get("secrets") or {}).get("target_leaks")
+        for row_id, (_, title) in BEYOND_MARKERS.items():
+            tests = list(self.beyond_tests.get(row_id, {}).values())
+            findings = security["findings"] if row_id == SECURITY_ROW else []
+            if tests:
+                rows.append(_beyond_row(row_id, title, tests, findings, self.accepted))
+        if leaks is not None:
+            rows.append(_beyond_row(SECRETS_ROW, "Secrets the target writes (audit trail, spool, archive, journals)",
+                                    [], target_leak_findings(leaks), self.accepted))
+        return rows
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(session.config, "workerinput"):
@@ -221,6 +257,7 @@ class RunbookReport:
                 items[drift["item"]].drift.append(drift)
         rows = [summary.to_dict() for summary in items.values()]
         totals = {outcome: sum(1 for row in rows if row["outcome"] == outcome) for outcome in OUTCOMES}
+        beyond = self.beyond_rows()
         return {
             "target": str(self.target_root),
             "runbook": str(self.runbook.path),
@@ -229,7 +266,8 @@ class RunbookReport:
             "items": rows,
             "drift": self.drift,
             "totals": totals,
-            "exit_code": exit_code(row["outcome"] for row in rows),
+            "exit_code": exit_code(row["outcome"] for row in [*rows, *beyond]),
+            "beyond": beyond,
             "isolation": self.isolation,
             "scenarios_without_item": [o.nodeid for o in unknown],
             "timing": {
@@ -281,14 +319,47 @@ def _junit_address(nodeid: str) -> tuple[str, str]:
 
 
 def target_leak_findings(leaks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One critical finding per secret and kind of place the target wrote it to (the places are in secrets.target_leaks)."""
+    """One defect finding per secret and kind of place the target wrote it to (the places are in secrets.target_leaks)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for leak in leaks:
         groups.setdefault((leak["secret"], leak["kind"]), []).append(leak)
-    return [{"title": f"the target wrote the secret {secret} into its {kind}",
+    return [{"name": f"target-secret:{secret}:{kind}", "title": f"the target wrote the secret {secret} into its {kind}",
              "detail": f"{len(found)} place(s), e.g. {found[0]['where']} (during {found[0].get('test') or '-'}); "
-                       "see secrets.target_leaks", "severity": "critical"}
+                       "see secrets.target_leaks", "severity": "defect"}
             for (secret, kind), found in groups.items()]
+
+
+def finding_name(finding: Mapping[str, Any]) -> str:
+    """The name an operator accepts a finding by: its own name, else its title."""
+    return str(finding.get("name") or finding.get("title"))
+
+
+def _beyond_row(row_id: str, title: str, tests: list[TestOutcome], findings: list[dict[str, Any]],
+                accepted: Mapping[str, Acceptance]) -> dict[str, Any]:
+    """One row beyond the runbook: the worst of its tests, failed by any defect finding the operator has not
+    accepted (each accepted one says by which line of the profile)."""
+    marked = []
+    for finding in findings:
+        acceptance = accepted.get(finding_name(finding))
+        entry = {**finding, "name": finding_name(finding)}
+        if acceptance is not None:
+            entry["accepted"] = {"by": acceptance.where, "reason": acceptance.reason}
+        marked.append(entry)
+    defects = [f for f in marked if f.get("severity") == "defect" and "accepted" not in f]
+    ran = [t for t in tests if t.outcome != SKIPPED]
+    outcome = worst([t.outcome for t in ran] + ([FAIL] if defects else [])) or (SKIPPED if tests else PASS)
+    if outcome == PASS or outcome == SKIPPED:
+        message = ""
+    elif defects and not any(t.outcome == FAIL for t in ran):
+        more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
+        message = one_sentence(f"defect: {defects[0]['title']}: {defects[0]['detail']}{more}; accept it by name in "
+                               f"{PROFILE_FILE} [accept] only if it is known and tracked")
+    else:
+        first = next(t for t in ran if t.outcome == outcome)
+        message = one_sentence(f"{_short(first.nodeid)}: {first.message}")
+    return {"id": row_id, "title": title, "outcome": outcome, "message": message,
+            "tests": [{"nodeid": t.nodeid, "outcome": t.outcome, "message": t.message} for t in tests],
+            "findings": marked}
 
 
 def _failure_message(report: pytest.TestReport) -> str:
@@ -312,8 +383,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Started: {data['started_at']}, took {data['duration_s']} s",
         f"- Isolation: {data.get('isolation') or '-'}",
         "- Items: " + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + f" (exit code {data.get('exit_code')})", "",
-        "| item | line | outcome | symptom seen | fix verified | detect (s) | recover (s) | message |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| item | line | outcome | symptom seen | fix verified | detect (s) | recover (s) | findings | message |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     mark = {True: "yes", False: "no", None: "-"}
     for row in data["items"]:
@@ -322,11 +393,18 @@ def markdown(data: dict[str, Any]) -> str:
             message = f"blocked by {row['blocked_by']}: {message}"
         lines.append(f"| {row['id']} | {row['line']} | **{row['outcome']}** | {mark[row['symptom_observed']]} | "
                      f"{mark[row['fix_verified']]} | {row['time_to_detect_s'] if row['time_to_detect_s'] is not None else '-'} | "
-                     f"{row['time_to_recover_s'] if row['time_to_recover_s'] is not None else '-'} | {message} |")
+                     f"{row['time_to_recover_s'] if row['time_to_recover_s'] is not None else '-'} | "
+                     f"{_finding_counts(row['findings'])} | {message} |")
+    deviations = [(row["id"], d) for row in data["items"] for d in row.get("deviations", [])]
+    if deviations:
+        lines += ["", "## Deviations (every runbook promise the system did not keep)", ""]
+        lines += [f"- {item} [{d['phase']}]: runbook line {d.get('line') or '-'} says {d['says']}; the system: {d['seen']}"
+                  .replace("\n", " ") for item, d in deviations]
+    lines += _beyond_markdown(data.get("beyond") or [])
     findings = [(row["id"], f) for row in data["items"] for f in row["findings"]]
     if findings:
         lines += ["", "## Findings", ""]
-        lines += [f"- {item}: **{f['title']}**: {f['detail']}" for item, f in findings]
+        lines += [f"- {item} ({f.get('severity', 'warning')}): **{f['title']}**: {f['detail']}" for item, f in findings]
     if data["drift"]:
         lines += ["", "## Runbook drift", ""]
         lines += [f"- [{d['kind']}] {d['item']}: runbook line {d.get('line') or '-'} says `{d['runbook']}`; "
@@ -334,6 +412,26 @@ def markdown(data: dict[str, Any]) -> str:
     lines += _security_markdown(data.get("security"))
     lines += _secrets_markdown(data.get("secrets"))
     return "\n".join(lines) + "\n"
+
+
+def _finding_counts(findings: list[dict[str, Any]]) -> str:
+    counts = {severity: sum(1 for f in findings if f.get("severity") == severity) for severity in SEVERITY_ORDER}
+    return ", ".join(f"{n} {severity}" for severity, n in counts.items() if n) or "-"
+
+
+def _beyond_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Beyond the runbook", "", "| check | outcome | findings | message |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['id']} | **{row['outcome']}** | {_finding_counts(row['findings'])} | "
+                     f"{row['message'].replace('|', chr(92) + '|') or '-'} |")
+    for row in rows:
+        for f in row["findings"]:
+            accepted = f" (accepted by {f['accepted']['by']}: {f['accepted']['reason']})" if f.get("accepted") else ""
+            lines.append(f"- {row['id']} ({f.get('severity', 'warning')}{', accepted' if accepted else ''}): "
+                         f"**{f['title']}**: {f['detail']}{accepted}")
+    return lines
 
 
 def _security_markdown(security: dict[str, Any] | None) -> list[str]:
@@ -385,6 +483,20 @@ def write_allure_extras(allure_dir: Path, data: dict[str, Any]) -> None:
                        {"name": "runbook_item", "value": drift["item"]}],
         }
         (allure_dir / f"drift-{index:04d}-result.json").write_text(json.dumps(result))
+    findings = [(row, f) for row in data.get("beyond") or [] for f in row["findings"] if f.get("severity") != "info"]
+    for index, (row, finding) in enumerate(findings):
+        accepted = finding.get("accepted")
+        failed = finding.get("severity") == "defect" and not accepted
+        result = {
+            "uuid": f"finding-{index:04d}-{now}", "historyId": f"finding-{row['id']}-{finding['name']}",
+            "name": f"{finding['severity']}: {finding['title']}", "fullName": f"{row['id']}.{index}",
+            "status": "failed" if failed else "passed", "stage": "finished", "start": now, "stop": now,
+            "statusDetails": {"message": finding["detail"] + (f" (accepted by {accepted['by']}: {accepted['reason']})"
+                                                              if accepted else "")},
+            "labels": [{"name": "feature", "value": "Beyond the runbook"}, {"name": "story", "value": row["title"]},
+                       {"name": "severity", "value": "critical" if finding["severity"] == "defect" else "normal"}],
+        }
+        (allure_dir / f"finding-{index:04d}-result.json").write_text(json.dumps(result))
 
 
 def _version(argv: list[str]) -> str:

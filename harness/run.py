@@ -144,7 +144,7 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     _print_summary(summary, reports)
     if html:
         render_html(allure_dir, reports / "allure-report")
-    verdict = exit_code(row["outcome"] for row in summary["items"])
+    verdict = exit_code(row["outcome"] for row in [*summary["items"], *summary.get("beyond", [])])
     if harness_leaks(summary) or (code not in (0, 1) and verdict == 0):
         # A leak in our own reports, or pytest itself ending badly (usage error, internal error), is the harness's.
         return EXIT_HARNESS
@@ -217,6 +217,13 @@ def _print_summary(summary: dict, reports: Path) -> None:
     totals = summary["totals"]
     print("\n" + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + " runbook item(s); "
           f"{len(summary['drift'])} drift finding(s); exit code {summary.get('exit_code')}. Reports: {reports}")
+    if summary.get("beyond"):
+        print("\nBeyond the runbook:")
+        for row in summary["beyond"]:
+            accepted = sum(1 for f in row["findings"] if f.get("accepted"))
+            extra = f"  {one_sentence(row['message'], 200)}" if row["outcome"] != "pass" else ""
+            print(f"  {row['outcome'].upper():<7}  {row['id']:<36} {len(row['findings'])} finding(s)"
+                  + (f", {accepted} accepted" if accepted else "") + extra)
     security, secrets = summary.get("security") or {}, summary.get("secrets") or {}
     if security.get("tests"):
         print(f"Security probes: {len(security.get('probes', []))} probe(s), {len(security.get('failures', []))} failure(s), "

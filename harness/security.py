@@ -245,7 +245,7 @@ def probe_open_port(client: httpx.Client, report: SecurityReport, service: str, 
         if leaked:
             report.finding(f"{service} serves a secret without credentials",
                            f"GET {path} on port {port} answered {response.status_code} with {', '.join(leaked)} in the body",
-                           "critical")
+                           "defect")
         if unguarded:
             report.finding(f"{service} serves data without credentials",
                            f"GET {path} on {address}:{port} answered {response.status_code} with {len(response.content)} "

@@ -152,6 +152,39 @@ def _service_roles(root: Path, units: dict[str, Path]) -> dict[str, ServiceRole]
     return services
 
 
+@dataclass(frozen=True)
+class Acceptance:
+    """A finding beyond the runbook that the operator accepts by name in the checkout's .quantlab-chaos.toml
+    (`[accept]` table: `"<finding name>" = "<why>"`); it is reported as accepted and no longer fails the run."""
+
+    name: str
+    reason: str
+    where: str  # ".quantlab-chaos.toml line N"
+
+
+def accepted_findings(root: Path) -> dict[str, Acceptance]:
+    """The `[accept]` entries of the checkout's profile, by finding name; ConfigError when one is malformed."""
+    path = root / PROFILE_FILE
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    try:
+        table = tomllib.loads(text).get("accept", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix it or remove it.") from exc
+    if not isinstance(table, dict):
+        raise ConfigError(f'{path}: accept must be a table of "<finding name>" = "<why it is accepted>" lines.')
+    accepted = {}
+    lines = text.splitlines()
+    for name, reason in table.items():
+        if not isinstance(reason, str) or not reason.strip():
+            raise ConfigError(f"{path}: [accept] {name!r} needs a reason (a non-empty string saying why it is "
+                              "accepted, e.g. a ticket); write it as \"<finding name>\" = \"<why>\".")
+        number = next((index + 1 for index, line in enumerate(lines) if name in line and "=" in line), None)
+        accepted[name] = Acceptance(name, reason.strip(), f"{PROFILE_FILE} line {number or '?'}")
+    return accepted
+
+
 def _read_profile(root: Path) -> dict[str, dict[str, object]]:
     path = root / PROFILE_FILE
     if not path.is_file():

@@ -466,3 +466,42 @@ def test_checks_alone_judge_a_steady_system_and_report_every_deviation() -> None
         journal(clock).run(Experiment("static", steady_state=[], checks=checks))
     assert [d.phase for d in caught.value.deviations] == ["check", "check"]
     assert "the system: MemoryMax=4G" in str(caught.value)
+
+
+def test_beyond_the_runbook_a_defect_fails_its_row_unless_accepted_by_name(tmp_path: Path) -> None:
+    from harness.reporting import _beyond_row
+    from harness.target import accepted_findings
+
+    leak = {"name": "target-secret:OBSERVER_TOKEN:audit-spool", "title": "the target wrote the secret", "detail": "x",
+            "severity": "defect"}
+    note = {"title": "replayd listens on port 1 and answers no HTTP", "detail": "y", "severity": "info"}
+    assert _beyond_row("beyond:target-secrets", "t", [], [leak, note], {})["outcome"] == FAIL
+    (tmp_path / ".quantlab-chaos.toml").write_text(
+        '[services."quantlab-replayd.service"]\nport_env = "REPLAYD_PORT"\n\n[accept]\n'
+        '"target-secret:OBSERVER_TOKEN:audit-spool" = "OPS-42"\n')
+    row = _beyond_row("beyond:target-secrets", "t", [], [leak, note], accepted_findings(tmp_path))
+    assert row["outcome"] == PASS
+    assert row["findings"][0]["accepted"] == {"by": ".quantlab-chaos.toml line 5", "reason": "OPS-42"}
+    hostile = reporting.TestOutcome("t::junk", "beyond:hostile-exchange")
+    hostile.note(Report(FAIL, "the run counted a repeated frame twice"))  # type: ignore[arg-type]
+    row = _beyond_row("beyond:hostile-exchange", "h", [hostile], [], {})
+    assert row["outcome"] == FAIL and "counted a repeated frame twice" in row["message"]
+    assert exit_code([PASS, row["outcome"]]) == 1
+
+
+def test_an_acceptance_without_a_reason_is_refused_with_what_to_write(tmp_path: Path) -> None:
+    from harness.target import accepted_findings
+
+    (tmp_path / ".quantlab-chaos.toml").write_text('[accept]\n"target-secret:OBSERVER_TOKEN:s3" = ""\n')
+    with pytest.raises(HarnessError, match="needs a reason"):
+        accepted_findings(tmp_path)
+
+
+def test_a_probe_in_the_setup_is_judged_before_the_step_that_needs_it_and_blocks() -> None:
+    clock = FakeClock()
+    started = []
+    setup = [Probe("a healthy canary", lambda: False, holds("a canary passes"), blocks="canary"),
+             Action("a live run", lambda: started.append("live run"))]
+    with pytest.raises(SteadyStateNotReached) as caught:
+        journal(clock).run(experiment(System(clock), setup=setup))
+    assert caught.value.blocked_by == "canary" and not started

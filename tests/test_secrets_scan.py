@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 
 from harness.fakes.s3 import Bucket
+from harness.outcomes import exit_code
 from harness.reporting import markdown, target_leak_findings
 from harness.run import harness_leaks
 from harness.secrets_scan import SecretSet, scan_harness_artifacts, scan_target
@@ -105,7 +106,7 @@ def test_run_fails_on_a_harness_leak_and_names_it_without_the_value(capsys: pyte
 def test_markdown_lists_leaks_and_groups_target_findings() -> None:
     target = [{"secret": "OBSERVER_TOKEN", "where": f"audit-spool/p{i}.jsonl", "kind": "audit-spool", "test": "t"} for i in range(3)]
     findings = target_leak_findings(target)
-    assert len(findings) == 1 and findings[0]["severity"] == "critical" and "3 place(s)" in findings[0]["detail"]
+    assert len(findings) == 1 and findings[0]["severity"] == "defect" and "3 place(s)" in findings[0]["detail"]
     data = {"target": "t", "runbook": "r", "started_at": "s", "duration_s": 1, "totals": {"pass": 0, "fail": 0, "skip": 0},
             "items": [], "drift": [],
             "security": {"tests": [{"nodeid": "a::test_security_probes", "outcome": "failed"}], "probes": [{"ok": False}],
@@ -185,7 +186,7 @@ def test_a_session_whose_tests_pass_fails_when_the_harness_leaked(tmp_path: Path
         assert token not in text and key not in text, "a leak report must name the secret, never show it"
 
 
-def test_a_target_leak_is_a_finding_and_the_session_passes(tmp_path: Path) -> None:
+def test_a_target_leak_is_a_defect_in_a_row_of_its_own_while_the_pytest_session_passes(tmp_path: Path) -> None:
     done, reports = inner_pytest(tmp_path, INNER_TARGET_LEAK, workers="0")
     assert done.returncode == 0, done.stdout[-2000:]
     summary = json.loads((reports / "summary.json").read_text())
@@ -195,8 +196,12 @@ def test_a_target_leak_is_a_finding_and_the_session_passes(tmp_path: Path) -> No
     assert [t["nodeid"].split("::")[-1] for t in security["tests"]] == ["test_a_security_probe"]
     titles = [f["title"] for f in security["findings"]]
     assert "replayd serves data without credentials" in titles
-    assert "the target wrote the secret OBSERVER_TOKEN into its audit-spool" in titles
     assert len(security["probes"]) == 1 and security["failures"] == []
+    rows = {row["id"]: row for row in summary["beyond"]}
+    assert rows["beyond:security-probes"]["outcome"] == "pass"  # a warning finding does not fail its row
+    secrets_row = rows["beyond:target-secrets"]
+    assert [f["title"] for f in secrets_row["findings"]] == ["the target wrote the secret OBSERVER_TOKEN into its audit-spool"]
+    assert secrets_row["outcome"] == "fail" and exit_code(row["outcome"] for row in summary["beyond"]) == 1
 
 
 # -- the real run: `quantlab-chaos run` -------------------------------------------------------------------------
@@ -233,15 +238,26 @@ def test_quantlab_chaos_run_reports_a_target_that_writes_its_token_into_the_audi
                                       "const line = JSON.stringify({ ...entry, metadata: { ...entry.metadata, "
                                       "planted: process.env.OBSERVER_TOKEN } }) + '\\n';"),
     })
+    # The operator accepts the audit-spool leak by name; the same token in S3 is not accepted.
+    (leaky / ".quantlab-chaos.toml").write_text('[accept]\n"target-secret:OBSERVER_TOKEN:audit-spool" = "OPS-42: '
+                                                'the spool is root-only; fix due in 2.4"\n')
     reports = tmp_path / "reports"
     done = chaos_run(reports, "--quantlab-root", str(leaky))
-    assert done.returncode == 0, "a target's leak is its finding, not a harness failure: " + done.stdout[-2000:]
+    assert done.returncode == 1, "a secret the target writes is a defect beyond the runbook: " + done.stdout[-2000:]
     summary = json.loads((reports / "summary.json").read_text())
+    row = next(row for row in summary["beyond"] if row["id"] == "beyond:target-secrets")
+    by_name = {f["name"]: f for f in row["findings"]}
+    assert by_name["target-secret:OBSERVER_TOKEN:audit-spool"]["accepted"] == {
+        "by": ".quantlab-chaos.toml line 2", "reason": "OPS-42: the spool is root-only; fix due in 2.4"}
+    assert "accepted" not in by_name["target-secret:OBSERVER_TOKEN:s3"]
+    assert row["outcome"] == "fail" and "the target wrote the secret OBSERVER_TOKEN into its s3" in row["message"]
+    assert all(item["outcome"] == "pass" for item in summary["items"]), "the runbook item itself still passes"
     block = summary["secrets"]
     assert block["harness_leaks"] == [], "the allure attachments of the audit spool are redacted"
     kinds = {leak["kind"] for leak in block["target_leaks"] if leak["secret"] == "OBSERVER_TOKEN"}
     assert kinds == {"audit-spool", "s3"}
     assert any(leak["where"].startswith("s3://") and "/audit/date=" in leak["where"] for leak in block["target_leaks"])
-    assert any(f["severity"] == "critical" and "OBSERVER_TOKEN" in f["title"] for f in summary["security"]["findings"])
-    assert "target leak (finding)" in (reports / "summary.md").read_text()
+    markdown = (reports / "summary.md").read_text()
+    assert "target leak (finding)" in markdown and "| beyond:target-secrets | **fail** | 2 defect |" in markdown
+    assert "accepted by .quantlab-chaos.toml line 2" in markdown and "Beyond the runbook:" in done.stdout
     assert "0 harness leak(s)" in done.stdout

@@ -81,7 +81,7 @@ def test_a_port_serving_data_or_a_secret_without_credentials_is_a_finding(open_s
     assert [(p.path, p.status, p.ok) for p in report.probes] == [("/", 200, False), ("/health", 200, False)]
     severities = {(f.title, f.severity) for f in report.findings}
     assert ("replayd serves data without credentials", "warning") in severities
-    assert ("replayd serves a secret without credentials", "critical") in severities
+    assert ("replayd serves a secret without credentials", "defect") in severities
     assert key not in json.dumps(report.to_dict()) and not report.failures
 
 
@@ -132,7 +132,7 @@ def test_the_scenario_fails_a_lax_observer_and_reports_an_open_port(tmp_path: Pa
     assert "no credentials answered" not in failures, "the requests without any token are still refused"
     titles = {(f["title"], f["severity"]) for f in security["findings"]}
     assert ("replayd serves data without credentials", "warning") in titles
-    assert ("replayd serves a secret without credentials", "critical") in titles
+    assert ("replayd serves a secret without credentials", "defect") in titles
     assert summary["secrets"]["harness_leaks"] == [], "the probe report names the secret it saw, never its value"
     assert {p["service"] for p in security["probes"]} >= {"observer", "replayd", "worker", "console"}
     assert security["ports"]["observer"] and security["ports"]["replayd"], "each service's listening sockets are listed"

@@ -2,7 +2,8 @@
 
 Each expected bullet is mapped to the check that proves it (PASS line, archive in S3, audit in the local
 spool); a bullet no check proves fails the scenario, so a new expectation in the runbook cannot go unchecked.
-The stricter `check_canary_run` (every symbol, stop reason, fresh feed) runs on top.
+The stricter `check_canary_run` (every symbol, stop reason, fresh feed) runs on top, and a second canary run
+must pass and leave the first one's archive objects and audit lines intact.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import pytest
 
 from canary.checks import (
@@ -19,6 +19,7 @@ from canary.checks import (
 )
 from harness import kit
 from harness.environment import QuantLabEnvironment
+from harness.experiment import Action, Experiment, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal
 from harness.runbook import Runbook, Source
 
@@ -42,64 +43,82 @@ def test_canary_validation(quantlab: QuantLabEnvironment, runbook_model: Runbook
         pytest.skip(f"the runbook {runbook_model.path} has no canary command")
     argv = canary_argv(command.argv, quantlab.strategy("steady"))
     symbols = _flag(argv, "--symbols").split(",")
+    ran: Slot[CanaryOutcome] = Slot("the canary run")
 
-    with journal.steady_state("observer up"):
-        quantlab.start("observer")
-
-    with journal.step("canary", f"{command.text} (strategy: {quantlab.strategy('steady').name})"):
+    def run_as_written() -> None:
         outcome = run_canary(kit.runner(quantlab), argv, CANARY_DEADLINE_S, {"GO_LIVE_CANARY_SECONDS": CANARY_SECONDS})
-    checks = _runbook_checks(quantlab, outcome)
-    journal.measure("canary_s", round(outcome.result.duration_s, 3))
+        journal.measure("canary_s", round(outcome.result.duration_s, 3))
+        ran.set(outcome)
 
-    journal.expect(bool(runbook_model.canary_expected), expected="the canary command is followed by what to expect",
-                   actual="no 'Expected' bullets under the canary command", source=command.source)
-    for text, source in runbook_model.canary_expected:
-        _expect_bullet(journal, text, source, checks, outcome)
+    def listed() -> Observation:
+        record, decisions = _listing(quantlab, runbook_model, ran.value)
+        return Observation(record is not None and decisions is not None,
+                           f"run listed by the observer: {record is not None}; decisions readable: {decisions is not None}",
+                           {"run_id": ran.value.run_id, "record": record})
 
-    record = _run_record(quantlab, runbook_model, outcome.run_id)
-    decisions = _decisions(quantlab, outcome.run_id)
-    journal.expect(record is not None and decisions is not None,
-                   expected="the observer lists the canary's run and its decisions are archived",
-                   actual=f"run listed by the observer: {record is not None}; decisions readable: {decisions is not None}",
-                   source=command.source, evidence={"run_id": outcome.run_id, "record": record})
-    run = check_canary_run(outcome, symbols, decisions, record)
-    journal.expect(run.ok, expected=f"the canary's run took events from every requested symbol ({', '.join(symbols)}), "
-                                    "ended as a canary should and saw a fresh feed",
-                   actual=run.message, source=command.source, evidence=run.evidence)
+    def run_checked() -> CheckResult:
+        record, decisions = _listing(quantlab, runbook_model, ran.value)
+        return check_canary_run(ran.value, symbols, decisions, record)
 
-    # A later canary must leave this run's archive and audit entries as they are.
-    before = kit.now_snapshot(quantlab)
-    with journal.step("canary", "a second canary run"):
-        later = kit.failed(kit.canary_checks(quantlab, kit.canary(quantlab, runbook_model)))
-    journal.expect(not later, expected="a second canary run passes too", actual=f"problems: {later}",
-                   source=command.source)
-    journal.nothing_lost(before, kit.now_snapshot(quantlab))
+    def second_run() -> Observation:
+        started = kit.now()
+        return kit.canary_observation(quantlab, kit.canary(quantlab, runbook_model), started)
+
+    journal.run(Experiment(
+        ITEM,
+        # The canary under test runs before the snapshot: the second run below must leave what it wrote intact.
+        setup=[kit.start(quantlab, "observer"),
+               Action(f"{command.text} (strategy: {quantlab.strategy('steady').name})", run_as_written)],
+        steady_state=[],
+        checks=[
+            Probe("the runbook under the canary command", lambda: _bullets_seen(runbook_model),
+                  holds("the canary command is followed by what to expect", command.source)),
+            *[_bullet(quantlab, ran, text, source) for text, source in runbook_model.canary_expected],
+            Probe("the observer's runs listing and the archive", listed,
+                  holds("the observer lists the canary's run and its decisions are archived", command.source)),
+            Probe("the canary's run, its archived decisions and its listing", run_checked,
+                  holds(f"the canary's run took events from every requested symbol ({', '.join(symbols)}), ended "
+                        "as a canary should and saw a fresh feed", command.source)),
+            Probe("a second canary run", second_run, holds("a second canary run passes too", command.source)),
+        ],
+        snapshot=kit.snapshot_of(quantlab),
+    ))
 
 
-def _runbook_checks(quantlab: QuantLabEnvironment, outcome: CanaryOutcome) -> dict[str, CheckResult]:
-    missing_run = CheckResult("no_run", False, "the canary printed no live_run_id, so its run cannot be looked up")
-    return {
-        "canary_pass": check_canary_line(outcome),
-        "archive": check_archive(quantlab.bucket, outcome.run_id) if outcome.run_id else missing_run,
-        "audit": check_audit(quantlab.audit_dir, outcome.run_id) if outcome.run_id else missing_run,
-    }
+def _bullets_seen(runbook: Runbook) -> Observation:
+    count = len(runbook.canary_expected)
+    return Observation(count > 0, f"{count} 'Expected' bullet(s) under the canary command" if count else
+                       "no 'Expected' bullets under the canary command")
 
 
-def _expect_bullet(journal: Journal, text: str, source: Source, checks: dict[str, CheckResult],
-                   outcome: CanaryOutcome) -> None:
+def _bullet(quantlab: QuantLabEnvironment, ran: Slot[CanaryOutcome], text: str, source: Source) -> Probe:
+    """An Expected bullet, judged by the check its words name (a bullet no check proves does not hold)."""
     name = next((check for check, pattern in EXPECTATIONS if pattern.search(text)), None)
-    if name is None:
-        journal.expect(False, expected=text, actual="the harness has no check for this expectation; add one to "
-                       "EXPECTATIONS in this scenario (and to canary/checks.py if needed)", source=source)
-        return
-    result = checks[name]
-    ok = result.ok
-    actual = result.message
-    wanted_exit = re.search(r"exits?\s+(\d+)", text)
+
+    def observe() -> Observation:
+        if name is None:
+            return Observation(False, "the harness has no check for this expectation; add one to EXPECTATIONS in "
+                                      "this scenario (and to canary/checks.py if needed)")
+        outcome = ran.value
+        result = _runbook_check(name, quantlab, outcome)
+        ok, seen = result.ok, result.message
+        wanted_exit = re.search(r"exits?\s+(\d+)", text)
+        if name == "canary_pass":
+            ok = ok and (not wanted_exit or outcome.result.code == int(wanted_exit.group(1)))
+            seen = f"the canary printed status {outcome.status} and exited {outcome.result.code} ({seen})"
+        # A canary the harness had to stop shows as such (hung), whichever bullet is judged.
+        return command_observation(outcome.result, ok, seen, {"check": name, **result.evidence})
+
+    return Probe(f"the canary run ({name or 'no'} check)", observe, holds(text, source))
+
+
+def _runbook_check(name: str, quantlab: QuantLabEnvironment, outcome: CanaryOutcome) -> CheckResult:
     if name == "canary_pass":
-        ok = ok and (not wanted_exit or outcome.result.code == int(wanted_exit.group(1)))
-        actual = f"the canary printed status {outcome.status} and exited {outcome.result.code} ({actual})"
-    journal.expect(ok, expected=text, actual=actual, source=source, evidence={"check": name, **result.evidence})
+        return check_canary_line(outcome)
+    if not outcome.run_id:
+        return CheckResult("no_run", False, "the canary printed no live_run_id, so its run cannot be looked up")
+    return check_archive(quantlab.bucket, outcome.run_id) if name == "archive" else \
+        check_audit(quantlab.audit_dir, outcome.run_id)
 
 
 def _flag(argv: Sequence[str], flag: str) -> str:
@@ -119,14 +138,22 @@ def _decisions(quantlab: QuantLabEnvironment, run_id: str | None) -> list[dict[s
         return None
 
 
+def _listing(quantlab: QuantLabEnvironment, runbook: Runbook,
+             outcome: CanaryOutcome) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The run as the observer lists it, and its archived decisions (None for what cannot be had)."""
+    return _run_record(quantlab, runbook, outcome.run_id), _decisions(quantlab, outcome.run_id)
+
+
 def _run_record(quantlab: QuantLabEnvironment, runbook: Runbook, run_id: str | None) -> dict[str, Any] | None:
-    """The run as the observer lists it, through the runbook's own runs request when it has one."""
+    """The run as the observer lists it, through the runbook's own runs request when it has one (sent to the
+    runbook's host and port; no answer there is an observation that does not hold)."""
     if not run_id:
         return None
     request = next((r for r in runbook.health_checks if r.path.rstrip("/").endswith("/runs")), None)
-    url = request.url_for(quantlab.observer_url) if request else quantlab.observer_url + RUNS_PATH
-    headers = request.header_values({"OBSERVER_TOKEN": quantlab.token}) if request else \
-        {"Authorization": f"Bearer {quantlab.token}"}
-    response = httpx.request(request.method if request else "GET", url, headers=headers, timeout=5.0)
-    runs = response.json().get("runs", []) if response.status_code == 200 else []
-    return next((run for run in runs if run.get("live_run_id") == run_id), None)
+    response = kit.send(quantlab, request) if request else quantlab.observer("GET", RUNS_PATH)
+    try:
+        body = response.json() if response.status_code == 200 else {}
+    except ValueError:
+        return None
+    runs = body.get("runs") if isinstance(body, dict) else None
+    return next((run for run in runs or [] if isinstance(run, dict) and run.get("live_run_id") == run_id), None)

@@ -18,7 +18,6 @@ from canary.checks import Runner, archive_keys, check_archive, check_canary_line
 from canary.process import CommandResult
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from harness.errors import HarnessError
 from harness.fakes.toxiproxy import ChaosProxy
 from harness.experiment import Action, Experiment, Observation, Probe, command_observation, holds
 from harness.journal import Journal, violation
@@ -38,8 +37,6 @@ S3_STEP = "s3_reachable"
 ARCHIVE_ERROR_EVENT = "live_archive_error"
 ARCHIVE_ROOT = archive_keys("")[0].split("replay_run_id=")[0]
 ENDPOINT_SUFFIX = "ENDPOINT"
-# Services whose env file holds the archive settings, most relevant first.
-ARCHIVING_SERVICES = ("live", "observer")
 
 
 @dataclass(frozen=True)
@@ -243,14 +240,10 @@ def _correct_archive_env(failure: Failure, quantlab: QuantLabEnvironment, servic
 
 
 def _archiving_env_file(quantlab: QuantLabEnvironment) -> tuple[str, Path]:
-    for service in ARCHIVING_SERVICES:
-        try:
-            wiring = quantlab.wiring(service)
-        except HarnessError:
-            continue
-        if wiring.env_file is not None:
-            return service, wiring.env_file
-    pytest.skip(f"the target {quantlab.target.root} has no {' or '.join(ARCHIVING_SERVICES)} unit with an "
+    found = kit.archiving_env_file(quantlab)
+    if found is not None:
+        return found
+    pytest.skip(f"the target {quantlab.target.root} has no {' or '.join(kit.ARCHIVING_SERVICES)} unit with an "
                 "EnvironmentFile=, so there is no env file whose endpoint could be wrong")
 
 

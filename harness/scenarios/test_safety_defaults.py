@@ -9,6 +9,9 @@ limits default to the runbook's values.
   and the test's name says so.
 - `systemd-analyze verify` checks each unit (with the deploy root pointed at the checkout) where the tool exists.
 - Whether MemoryMax=/CPUQuota= are enforced here (cgroup v2) is reported, with the values the supervisor applies.
+
+The static comparisons are checks, one per unit and setting (or per limit), so every one that disagrees is
+reported; the decision-rate check needs a healthy canary first (it blocks on the canary item without one).
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,13 @@ import pytest
 from canary.checks import BUDGET_AUDIT_ACTION, CanaryOutcome, audit_entries
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from harness.outcomes import SteadyStateNotReached
+from harness.experiment import (
+    Action, Experiment, Observation, Probe, Tolerance, command_observation, equals, holds,
+)
 from harness.journal import Journal
 from harness.ports import eventually
 from harness.runbook import Runbook, Setting, Source
-from harness.services import LimitsStatus, cgroup_settings
+from harness.services import cgroup_settings
 from harness.target import Target
 from harness.units import (
     DEPLOY_ROOT, RESOLVABLE_BINARIES, Directive, UnitError, UnitFile, parse_cpu_quota, parse_memory_limit,
@@ -63,31 +67,21 @@ GUARDS_ENABLED_ENV = "PROMOTION_GUARDS_ENABLED"
 BEHAVIOURAL_LIMITS = (RATE_ENV,)
 SOURCE_SUFFIXES = (".js", ".mjs", ".cjs", ".ts", ".mts", ".py")
 NOT_SOURCE_PARTS = {"node_modules", "test", "tests", "__tests__", "docs", ".git"}
-CANARY_TIMEOUT_S = 60.0
+CANARY_TIMEOUT_S = 60.0  # the harness kills a canary run past this: a hung observation
+RUN_DEADLINE_S = CANARY_TIMEOUT_S + 10  # waiting for the background run: its own kill, then a margin
 VERIFY_TIMEOUT_S = 60.0
 
 
 # -- the systemd settings ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    unit: str
-    detail: str
-
-
 @pytest.mark.runbook(ITEM)
 def test_service_units_carry_the_safety_directives(quantlab_target: Target, runbook_model: Runbook,
                                                    journal: Journal) -> None:
+    """One check per listed service unit and setting, so every unit that lacks one is reported."""
     settings = runbook_model.unit_directives
-    journal.expect(bool(settings), expected="the Safety Defaults list systemd settings",
-                   actual="the runbook lists none", source=_section(runbook_model))
-    units = _service_units(quantlab_target, runbook_model, journal)
-    mismatches = {setting.name: [m for unit in units for m in _check(unit, setting)] for setting in settings}
-    failing = [setting for setting in settings if mismatches[setting.name]]
-    for setting in failing[1:]:  # the first one fails the test; the report still lists every other one
-        journal.finding(f"{setting.name}={setting.value} not carried", "; ".join(m.detail for m in mismatches[setting.name]),
-                        severity="error")
+    listed = [(path, source) for path, source in runbook_model.unit_files if path.endswith(".service")]
+    units = [unit for path, _ in listed for unit in [_parsed(quantlab_target, path)] if isinstance(unit, UnitFile)]
     for unit in units:
         for directive in _legacy_spellings(unit):
             current = f"{directive.key}Sec" if directive.key.endswith("Interval") else directive.key
@@ -95,11 +89,19 @@ def test_service_units_carry_the_safety_directives(quantlab_target: Target, runb
                             f"line {directive.line}: systemd still reads it; the current spelling is [Unit] {current}=",
                             severity="info")
     journal.measure("units_checked", [unit.name for unit in units])
-    for setting in settings:
-        found = mismatches[setting.name]
-        journal.expect(not found, expected=f"every service unit carries {setting.name}={setting.value}",
-                       actual="; ".join(f"{m.unit}: {m.detail}" for m in found), source=setting.source,
-                       evidence={"units": [u.name for u in units]})
+    checks = [Probe(path, lambda path=path: _read(quantlab_target, path),
+                    holds(f"the unit file {path} is in the checkout and systemd reads it", source))
+              for path, source in listed]
+    checks += [Probe(unit.name, lambda unit=unit, setting=setting: _carries(unit, setting),
+                     holds(f"every service unit carries {setting.name}={setting.value}", setting.source))
+               for setting in settings for unit in units]
+    if not settings:
+        checks.append(_absent("the Safety Defaults", "the runbook lists no systemd setting",
+                              holds("the Safety Defaults list systemd settings", _section(runbook_model))))
+    if not listed:
+        checks.append(_absent("the Start / Stop section", "it lists no service unit",
+                              holds("the runbook lists service units", runbook_model.section_source("start_stop"))))
+    journal.run(Experiment(f"{ITEM} (systemd settings)", steady_state=[], checks=checks))
 
 
 def _section(runbook: Runbook) -> Source | None:
@@ -109,25 +111,29 @@ def _section(runbook: Runbook) -> Source | None:
         return None
 
 
-def _service_units(target: Target, runbook: Runbook, journal: Journal) -> list[UnitFile]:
-    """The service units the runbook lists, parsed; a listed unit missing from the checkout fails."""
-    units = []
-    for path, source in runbook.unit_files:
-        if not path.endswith(".service"):
-            continue
-        full = target.root / path
-        journal.expect(full.is_file(), expected=f"the unit file {path} is in the checkout",
-                       actual=f"{full} does not exist", source=source)
-        try:
-            units.append(parse_unit(full))
-        except UnitError as exc:
-            journal.expect(False, expected=f"{path} is a unit file systemd reads", actual=str(exc), source=source)
-    journal.expect(bool(units), expected="the runbook lists service units", actual="it lists none",
-                   source=runbook.section_source("start_stop"))
-    return units
+def _absent(name: str, seen: str, tolerance: Tolerance) -> Probe:
+    """What the runbook should name and does not: a check that cannot hold."""
+    return Probe(name, lambda: Observation(False, seen, final=True), tolerance)
 
 
-def _check(unit: UnitFile, setting: Setting) -> list[Mismatch]:
+def _parsed(target: Target, path: str) -> UnitFile | str:
+    """The listed unit file parsed as systemd reads it, or why it cannot be."""
+    full = target.root / path
+    if not full.is_file():
+        return f"{full} does not exist"
+    try:
+        return parse_unit(full)
+    except UnitError as exc:
+        return str(exc)
+
+
+def _read(target: Target, path: str) -> Observation:
+    unit = _parsed(target, path)
+    return Observation(isinstance(unit, UnitFile), f"{path} read ({sum(map(len, unit.sections.values()))} directives)"
+                       if isinstance(unit, UnitFile) else unit)
+
+
+def _carries(unit: UnitFile, setting: Setting) -> Observation:
     """Whether `unit` carries `setting` where systemd reads it, with the same parsed value."""
     places = DIRECTIVE_PLACES.get(setting.name, (("Service", setting.name),))
     found = [d for d in (unit.find(section, key) for section, key in places) if d is not None]
@@ -136,21 +142,24 @@ def _check(unit: UnitFile, setting: Setting) -> list[Mismatch]:
         if stray:
             where = ", ".join(f"[{d.section}] line {d.line}" for d in stray)
             wanted = " or ".join(f"[{section}]" for section in dict.fromkeys(s for s, _ in places))
-            return [Mismatch(unit.name, f"{setting.name}= is in {where}, where systemd ignores it (put it in {wanted})")]
-        return [Mismatch(unit.name, f"no {setting.name}=")]
+            return _seen(unit, False, f"{setting.name}= is in {where}, where systemd ignores it (put it in {wanted})")
+        return _seen(unit, False, f"no {setting.name}=")
     effective = max(found, key=lambda d: d.line)  # one field in systemd: the last assignment wins
+    written = f"{effective.key}={effective.value} (line {effective.line}, [{effective.section}])"
     parse = PARSERS.get(setting.name, str.strip)
     try:
         wanted_value = parse(setting.value)
     except ValueError as exc:
-        return [Mismatch(unit.name, f"the runbook's value {setting.value!r} does not parse ({exc})")]
+        return _seen(unit, False, f"the runbook's value {setting.value!r} does not parse ({exc})")
     try:
         value = parse(effective.value)
     except ValueError as exc:
-        return [Mismatch(unit.name, f"{effective.key}={effective.value} (line {effective.line}) is invalid: {exc}")]
-    if not _same(value, wanted_value):
-        return [Mismatch(unit.name, f"{effective.key}={effective.value} (line {effective.line}, [{effective.section}])")]
-    return []
+        return _seen(unit, False, f"{effective.key}={effective.value} (line {effective.line}) is invalid: {exc}")
+    return _seen(unit, _same(value, wanted_value), written)
+
+
+def _seen(unit: UnitFile, ok: bool, detail: str) -> Observation:
+    return Observation(ok, f"{unit.name}: {detail}", final=True)
 
 
 def _same(a: object, b: object) -> bool:
@@ -172,36 +181,25 @@ def _legacy_spellings(unit: UnitFile) -> list[Directive]:
 def test_decision_rate_limit_default_observed_in_a_live_run(quantlab: QuantLabEnvironment, runbook_model: Runbook,
                                                             journal: Journal) -> None:
     """With the rate limit unset, a burst of decisions stops the run at the runbook's value (the audit trail's
-    BUDGET_EXCEEDED entry says at which value it fired)."""
+    BUDGET_EXCEEDED entry says at which value it fired). The steady state: the limit is unset in the run's
+    environment, and a healthy canary run passes (so a run that cannot be had blocks on the canary item)."""
     setting = _limit(runbook_model, RATE_ENV)
-    expected = int(setting.value)
-    journal.expect(RATE_ENV not in quantlab.quantlab_env(), expected=f"{RATE_ENV} is left unset for this run",
-                   actual=f"the environment sets {RATE_ENV}", source=setting.source)
     _note_dotenv(quantlab.target, RATE_ENV, journal)
-    burst = 2 * expected
-    with journal.step("check", f"{RATE_ENV} unset; a chatty strategy; a burst of {burst} events"):
-        outcome, connected = _chatty_run_with_burst(quantlab, runbook_model, burst)
-    fired = [e for e in audit_entries(quantlab.audit_dir, outcome.run_id or "")
-             if e.get("action") == BUDGET_AUDIT_ACTION and (e.get("metadata") or {}).get("budget") == RATE_BUDGET]
-    metadata = (fired[0].get("metadata") or {}) if fired else {}
-    line = outcome.line or {}
-    if not fired and line.get("status") != "PASS" and not line.get("stop_reason"):
-        raise SteadyStateNotReached(f"a live run that makes decisions: the runbook's canary, run with a chatty "
-                                    f"strategy, ended {line.get('status') or 'without a canary line'} (exit "
-                                    f"{outcome.result.code}: {line.get('error') or outcome.result.stderr[-200:]})",
-                                    blocked_by=kit.CANARY_ITEM)
-    # A breach is the first decision over the limit: QuantLab records the limit, or the value one above it.
-    observed = metadata.get("limit", metadata["value"] - 1 if isinstance(metadata.get("value"), int) else None)
-    journal.measure("observed_default", {RATE_ENV: observed})
-    journal.expect(
-        observed == expected,
-        expected=f"{RATE_ENV} defaults to {setting.value}",
-        actual=(f"the run stopped at {RATE_BUDGET} value {metadata.get('value')} (limit {observed})" if fired else
-                f"no {RATE_BUDGET} breach after a burst of {burst} decisions (exchange connected: {connected}; "
-                f"stop reason {(outcome.line or {}).get('stop_reason')}): the default is above {burst} or the run failed"),
-        source=setting.source,
-        evidence={"audit": metadata, **kit.evidence(outcome)},
-    )
+    burst = 2 * int(setting.value)
+
+    def unset() -> Observation:
+        value = quantlab.quantlab_env().get(RATE_ENV)
+        return Observation(value is None, f"the environment sets {RATE_ENV}={value}" if value is not None else
+                           f"{RATE_ENV} is not in the run's environment")
+
+    journal.run(Experiment(
+        f"{ITEM} ({RATE_ENV} default)",
+        steady_state=[Probe(f"the run's environment", unset, holds(f"{RATE_ENV} is left unset for this run")),
+                      kit.healthy_canary(quantlab, runbook_model)],
+        checks=[Probe(f"a chatty strategy's run, {RATE_ENV} unset, a burst of {burst} events",
+                      lambda: _rate_budget_fired_at(journal, quantlab, runbook_model, burst),
+                      equals(int(setting.value), f"{RATE_ENV} defaults to {setting.value}", setting.source))],
+    ))
 
 
 @pytest.mark.runbook(ITEM)
@@ -213,16 +211,23 @@ def test_event_and_run_time_limit_defaults_read_from_source_no_behavioural_probe
     if not limits:
         pytest.skip("the runbook lists no env limit without a behavioural probe")
     files = _source_files(quantlab_target.root)
-    results = {setting.name: _default_in_source(files, quantlab_target.root, setting) for setting in limits}
-    journal.measure("source_defaults", {name: found for name, (found, _) in results.items()})
-    for setting in limits:
-        found, conflicts = results[setting.name]
-        journal.expect(bool(found) and not conflicts,
-                       expected=f"{setting.name} defaults to {setting.value} (read from the target's source: no "
-                                "behavioural probe is affordable)",
-                       actual=(f"other defaults next to {setting.name}: {conflicts}" if conflicts else
-                               f"no literal {setting.value} next to {setting.name} in {len(files)} source files"),
-                       source=setting.source, evidence={"found": found, "conflicts": conflicts})
+    found: dict[str, list[str]] = {}
+    journal.measure("source_defaults", found)
+
+    def read(setting: Setting) -> Observation:
+        places, conflicts = _default_in_source(files, quantlab_target.root, setting)
+        found[setting.name] = places
+        return Observation(bool(places) and not conflicts,
+                           f"other defaults next to {setting.name}: {conflicts}" if conflicts else
+                           f"{setting.value} next to {setting.name} in {places}" if places else
+                           f"no literal {setting.value} next to {setting.name} in {len(files)} source files",
+                           {"found": places, "conflicts": conflicts}, final=True)
+
+    journal.run(Experiment(f"{ITEM} (limit defaults in the source)", steady_state=[], checks=[
+        Probe(f"the target's source ({setting.name})", lambda setting=setting: read(setting),
+              holds(f"{setting.name} defaults to {setting.value} (read from the target's source: no behavioural probe "
+                    "is affordable)", setting.source))
+        for setting in limits]))
 
 
 def _limit(runbook: Runbook, name: str) -> Setting:
@@ -236,10 +241,36 @@ def _note_dotenv(target: Target, name: str, journal: Journal) -> None:
     """The canary loads core/.env (never over a set variable): a value there would stand in for the default."""
     dotenv = target.root / "core" / ".env"
     if dotenv.is_file() and re.search(rf"(?m)^\s*{re.escape(name)}\s*=", dotenv.read_text(errors="replace")):
-        journal.finding(f"{dotenv} sets {name}", "the canary loads it, so the run saw that value, not the default")
+        journal.finding(f"{dotenv} sets {name}", "the canary loads it, so the run saw that value, not the default",
+                        severity="warning")
+
+
+def _rate_budget_fired_at(journal: Journal, env: QuantLabEnvironment, runbook: Runbook, burst: int) -> Observation:
+    """The limit the rate budget fired at in a chatty run given a burst of events: QuantLab records the limit, or
+    the value one above it (a breach is the first decision over the limit); None when it did not fire."""
+    started = kit.now()
+    outcome, connected = _chatty_run_with_burst(env, runbook, burst)
+    fired = [e for e in audit_entries(env.audit_dir, outcome.run_id or "")
+             if e.get("action") == BUDGET_AUDIT_ACTION and (e.get("metadata") or {}).get("budget") == RATE_BUDGET]
+    metadata = (fired[0].get("metadata") or {}) if fired else {}
+    observed = metadata.get("limit", metadata["value"] - 1 if isinstance(metadata.get("value"), int) else None)
+    journal.measure("observed_default", {RATE_ENV: observed})
+    line = outcome.line or {}
+    if fired:
+        seen = f"the run stopped at {RATE_BUDGET} value {metadata.get('value')} (limit {observed})"
+    elif line.get("status") != "PASS" and not line.get("stop_reason"):
+        seen = (f"the chatty run ended {line.get('status') or 'without a canary line'} (exit {outcome.result.code}: "
+                f"{line.get('error') or outcome.result.stderr[-200:]}), so no {RATE_BUDGET} could fire")
+    else:
+        seen = (f"no {RATE_BUDGET} breach after a burst of {burst} decisions (exchange connected: {connected}; stop "
+                f"reason {line.get('stop_reason')}): the default is above {burst} or the run failed")
+    return command_observation(outcome.result, observed, seen, {"audit": metadata, **kit.evidence(outcome)},
+                               started=started)
 
 
 def _chatty_run_with_burst(env: QuantLabEnvironment, runbook: Runbook, burst: int) -> tuple[CanaryOutcome, bool]:
+    """The runbook's canary with a strategy deciding on every event, in a thread so the exchange can burst while
+    it is live; waited for at most RUN_DEADLINE_S (a TimeoutError past that: an observation that does not hold)."""
     known = {c.id for c in env.exchange.record().connections}
     # Guards off: a chatty strategy's flips can trip the loss-streak guard before the rate budget fires.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="canary") as pool:
@@ -249,7 +280,10 @@ def _chatty_run_with_burst(env: QuantLabEnvironment, runbook: Runbook, burst: in
                                timeout=15)
         if connected:
             env.exchange.burst(burst)
-        return future.result(timeout=CANARY_TIMEOUT_S + 10), connected
+        try:
+            return future.result(timeout=RUN_DEADLINE_S), connected
+        except TimeoutError:
+            raise TimeoutError(f"the chatty canary run did not end within {RUN_DEADLINE_S:g} s") from None
 
 
 def _source_files(root: Path) -> list[Path]:
@@ -304,23 +338,30 @@ def _constant_values(lines: list[str], constant: str) -> list[float]:
 @pytest.mark.runbook(ITEM)
 def test_units_pass_systemd_analyze_verify(quantlab_target: Target, runbook_model: Runbook, journal: Journal,
                                            tmp_path: Path) -> None:
+    """One check per listed unit; complaints about a binary this host lacks are findings, not the unit's fault."""
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed here; install systemd to verify the unit files")
     copies = _copies_with_checkout_root(quantlab_target, tmp_path / "units")
-    environmental: list[str] = []
-    for path, source in runbook_model.unit_files:
+
+    def verified(path: str) -> Observation:
         copy = copies.get(Path(path).name)
-        journal.expect(copy is not None, expected=f"the unit file {path} is in the checkout",
-                       actual=f"{quantlab_target.root / path} does not exist", source=source)
-        assert copy is not None
+        if copy is None:
+            return Observation(False, f"{quantlab_target.root / path} does not exist", final=True)
         complaints = _verify(tool, copy)
         own = [c for c in complaints if not _about_this_host(c)]
-        environmental += [f"{Path(path).name}: {c}" for c in complaints if _about_this_host(c)]
-        journal.expect(not own, expected=f"systemd-analyze verify accepts {path} (deploy root -> checkout)",
-                       actual=" | ".join(own), source=source, evidence={"complaints": complaints})
-    for complaint in environmental:
-        journal.finding("systemd-analyze: a binary of the unit is missing on this host", complaint)
+        for complaint in complaints:
+            if _about_this_host(complaint):
+                journal.finding("systemd-analyze: a binary of the unit is missing on this host",
+                                f"{Path(path).name}: {complaint}", severity="warning")
+        return Observation(not own, " | ".join(own) or f"{Path(path).name}: no complaint of its own",
+                           {"complaints": complaints}, final=True)
+
+    journal.run(Experiment(f"{ITEM} (systemd-analyze verify)", steady_state=[], checks=[
+        Probe(f"systemd-analyze verify {Path(path).name}", lambda path=path: verified(path),
+              holds(f"the unit file {path} is in the checkout and systemd-analyze verify accepts it (deploy root -> "
+                    "checkout)", source))
+        for path, source in runbook_model.unit_files]))
 
 
 def _copies_with_checkout_root(target: Target, folder: Path) -> dict[str, Path]:
@@ -364,28 +405,29 @@ def _about_this_host(complaint: str) -> bool:
 def test_memory_and_cpu_limits_are_applied_or_reported(quantlab: QuantLabEnvironment, runbook_model: Runbook,
                                                        journal: Journal) -> None:
     """The supervisor applies the runbook's MemoryMax=/CPUQuota= to every service (through cgroup v2 when this
-    host has it; otherwise the report says they are not enforced here, and why)."""
-    memory = _directive(runbook_model, "MemoryMax")
-    cpu = _directive(runbook_model, "CPUQuota")
-    if memory is None and cpu is None:
+    host has it; otherwise the report says they are not enforced here, and why). Where the supervisor applies
+    them only at start, the services are started first (a unit the checkout cannot run blocks) and stopped after."""
+    limits = [setting for setting in (_directive(runbook_model, "MemoryMax"), _directive(runbook_model, "CPUQuota"))
+              if setting is not None]
+    if not limits:
         pytest.skip("the runbook's Safety Defaults set neither MemoryMax= nor CPUQuota=")
+    services = list(_listed_services(quantlab, runbook_model))
+    pending = [(role, unit) for role, unit in services if quantlab.status(role).limits.reason.startswith("pending")]
     report: dict[str, str] = {}
-    for role, unit in _listed_services(quantlab, runbook_model):
-        limits = _limits_after_start(quantlab, role)
-        report[unit] = "enforced" if limits.enforced else limits.reason
-        for setting, value, parse in ((memory, limits.memory_max, parse_memory_limit),
-                                      (cpu, limits.cpu_quota, parse_cpu_quota)):
-            if setting is not None:
-                journal.expect(_same(value, parse(setting.value)),
-                               expected=f"{unit} runs with {setting.name}={setting.value}",
-                               actual=f"the supervisor applies {setting.name} {value}", source=setting.source)
-        if limits.enforced and limits.cgroup:
-            _cgroup_has(journal, Path(limits.cgroup), unit, memory, cpu)
-        else:
-            journal.finding(f"{unit}: MemoryMax=/CPUQuota= not enforced", limits.reason, severity="info")
     journal.measure("limits", report)
-    journal.expect(bool(report), expected="every service unit carries the limits", actual="no service unit to check",
-                   source=_section(runbook_model))
+    checks = [Probe(f"{unit}'s limits", lambda role=role, unit=unit, setting=setting: _applied(
+                  journal, quantlab, role, unit, setting, report),
+                    holds(f"{unit} runs with {setting.name}={setting.value}", setting.source))
+              for role, unit in services for setting in limits]
+    journal.run(Experiment(
+        f"{ITEM} (MemoryMax=/CPUQuota= applied)",
+        setup=[Action(f"start {unit} (the supervisor applies its limits at start)",
+                      lambda role=role: quantlab.start(role, check=False)) for role, unit in pending],
+        steady_state=[],
+        checks=checks or [Probe("the listed service units", lambda: Observation(False, "no service unit to check"),
+                                holds("every service unit carries the limits", _section(runbook_model)))],
+        rollbacks=[Action(f"stop {unit}", lambda role=role: quantlab.stop(role)) for role, unit in pending],
+    ))
 
 
 def _directive(runbook: Runbook, name: str) -> Setting | None:
@@ -402,23 +444,26 @@ def _listed_services(env: QuantLabEnvironment, runbook: Runbook) -> Iterator[tup
             yield env.target.role(name).role, name
 
 
-def _limits_after_start(env: QuantLabEnvironment, role: str) -> LimitsStatus:
-    """The limits status; a service is started (and stopped) when the supervisor applies limits only at start."""
-    status = env.status(role)
-    if not status.limits.reason.startswith("pending"):
-        return status.limits
-    try:
-        env.start(role, check=False)
-        return env.status(role).limits
-    finally:
-        env.stop(role)
-
-
-def _cgroup_has(journal: Journal, cgroup: Path, unit: str, memory: Setting | None, cpu: Setting | None) -> None:
-    wanted = cgroup_settings(parse_memory_limit(memory.value) if memory else None,
-                             parse_cpu_quota(cpu.value) if cpu else None)
-    for name, value in wanted.items():
-        setting = memory if name.startswith("memory") else cpu
-        actual = (cgroup / name).read_text().strip() if (cgroup / name).exists() else "absent"
-        journal.expect(actual == value, expected=f"{unit}'s cgroup enforces {setting.name}={setting.value}",
-                       actual=f"{cgroup / name} is {actual} (expected {value})", source=setting.source if setting else None)
+def _applied(journal: Journal, env: QuantLabEnvironment, role: str, unit: str, setting: Setting,
+             report: dict[str, str]) -> Observation:
+    """The value the supervisor applies, and, where this host enforces it, the service's cgroup file; where it
+    does not, that is reported once per unit (a finding) with why."""
+    limits = env.status(role).limits
+    if unit not in report:
+        report[unit] = "enforced" if limits.enforced else limits.reason
+        if not (limits.enforced and limits.cgroup):
+            journal.finding(f"{unit}: MemoryMax=/CPUQuota= not enforced", limits.reason, severity="info")
+    memory = setting.name == "MemoryMax"
+    wanted = parse_memory_limit(setting.value) if memory else parse_cpu_quota(setting.value)
+    applied = limits.memory_max if memory else limits.cpu_quota
+    seen = f"the supervisor applies {setting.name} {applied}"
+    ok = _same(applied, wanted)
+    if limits.enforced and limits.cgroup:
+        [(name, value)] = cgroup_settings(wanted if memory else None, None if memory else wanted).items()
+        path = Path(limits.cgroup) / name
+        actual = path.read_text().strip() if path.exists() else "absent"
+        seen += f"; {path} is {actual} (expected {value})"
+        ok = ok and actual == value
+    else:
+        seen += f" (not enforced here: {limits.reason})"
+    return Observation(ok, seen, final=True)

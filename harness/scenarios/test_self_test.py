@@ -6,14 +6,17 @@ each fails, then recovers, on the fault it exists to catch: a missing observer t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from canary.checks import CheckResult, Runner, check_config, check_self_test, run_self_test
 from canary.process import CommandResult
+from harness import kit
 from harness.environment import QuantLabEnvironment
+from harness.experiment import Action, Experiment, Observation, Probe, command_observation, holds
 from harness.journal import Journal
 from harness.runbook import Runbook, ShellCommand, Source
 from harness.target import CONFIG_CHECK, SELF_TEST
@@ -25,6 +28,128 @@ S3_STEP = "s3_reachable"
 MISSING_LINE = "[config] {name} is required"
 # CONTRACT section 4, used only when the runbook's prose states no exit codes.
 DEFAULT_EXIT_CODES = (0, 1)
+PROBE = "the runbook's self-test command"
+
+
+@pytest.mark.runbook(ITEM)
+def test_self_test_commands_as_written(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
+    journal.run(Experiment(
+        f"{ITEM} (on a healthy host)",
+        steady_state=[],
+        checks=[passes(quantlab, runbook_model, command, "on a healthy host") for command in runbook_model.self_tests],
+    ))
+
+
+@pytest.mark.runbook(ITEM)
+def test_config_check_missing_token(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
+    command = _command(runbook_model, CONFIG_CHECK)
+    (_, failed_code), prose = _exit_codes(runbook_model)
+    token = runbook_model.failure("observer-unauthorized").fix_ids.env_names[0]
+    wanted = MISSING_LINE.format(name=token)
+    # The shell the operator runs the command in: the fault takes the token out of it, the fix sets it again.
+    unset: set[str] = set()
+
+    def says_missing() -> Observation:
+        started = kit.now()
+        result = quantlab.run_command(command.argv, unset=sorted(unset), timeout=DEADLINE_S)
+        return command_observation(result, result.code == failed_code and wanted in result.stderr.splitlines(),
+                                   f"exit {result.code}; stderr: {result.stderr.strip()[-200:] or 'empty'}",
+                                   started=started)
+
+    journal.run(Experiment(
+        f"{ITEM} ({token} missing)",
+        steady_state=[passes(quantlab, runbook_model, command, "on a healthy host", unset=unset)],
+        fault=[Action(f"{token} unset in the shell `{command.text}` runs in", lambda: unset.add(token))],
+        symptom=[Probe(PROBE, says_missing,
+                       holds(f"`{command.text}` exits {failed_code} and says `{wanted}`", prose or command.source))],
+        fix=[Action(f"{token} set again in that shell (the host's token)", lambda: unset.discard(token))],
+        recovery=[passes(quantlab, runbook_model, command, f"with {token} set again", unset=unset)],
+    ))
+
+
+@pytest.mark.runbook(ITEM)
+def test_self_test_s3_down(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
+    command = _command(runbook_model, SELF_TEST)
+    (_, failed_code), _ = _exit_codes(runbook_model)
+    failure = runbook_model.failure("s3-archive-unreachable")
+
+    def stops_at_s3() -> Observation:
+        started = kit.now()
+        outcome = run_self_test(_AsWritten(quantlab, command), DEADLINE_S)
+        journal.measure("self_test_time_to_fail_s", round(outcome.result.duration_s, 3))
+        return command_observation(
+            outcome.result, outcome.result.code == failed_code and outcome.failed_step == S3_STEP,
+            f"exit {outcome.result.code}; stopped at {outcome.failed_step}; steps passed: {outcome.steps or 'none'}; "
+            f"error: {outcome.error}", {"steps": outcome.steps, "error": outcome.error}, started=started)
+
+    journal.run(Experiment(
+        f"{ITEM} (S3 down)",
+        steady_state=[passes(quantlab, runbook_model, command, "on a healthy host")],
+        fault=[Action("the S3 endpoint refuses connections (S3 proxy disabled)", quantlab.s3_proxy.disable)],
+        # A self-test the harness had to stop at DEADLINE_S is a hung observation: it never counts as the symptom.
+        symptom=[Probe(PROBE, stops_at_s3,
+                       holds(f"Symptom: {failure.symptom} (`{command.text}` exits {failed_code} at its {S3_STEP} step)",
+                             failure.symptom_source))],
+        fix=[Action(f"Fix: {failure.fix}: the endpoint reachable again (S3 proxy enabled)", quantlab.s3_proxy.enable)],
+        recovery=[passes(quantlab, runbook_model, command, f"after '{failure.fix}'", source=failure.fix_source)],
+        rollbacks=[Action("the S3 proxy cleared", quantlab.s3_proxy.clear)],
+    ))
+
+
+# -- probes ------------------------------------------------------------------------------------------------
+
+
+def passes(quantlab: QuantLabEnvironment, runbook: Runbook, command: ShellCommand, when: str, *,
+           unset: Collection[str] = (), source: Source | None = None) -> Probe:
+    """`command` as written (without the names in `unset`, read at each run) prints its ok JSON and exits with the
+    runbook's ok code; judged against the prose line that gives the codes unless `source` says otherwise."""
+    (ok_code, _), prose = _exit_codes(runbook)
+    check = _check_for(command)
+
+    def observe() -> Observation:
+        started = kit.now()
+        runner = _AsWritten(quantlab, command, sorted(unset))
+        result = check(runner, DEADLINE_S)
+        exit_code = result.evidence.get("exit_code")
+        return command_observation(runner.last, result.ok and exit_code == ok_code, f"{result.message} (exit {exit_code})",
+                                   {"command": command.text, **result.evidence}, started=started)
+
+    return Probe(PROBE, observe,
+                 holds(f"`{command.text}` {when} prints its ok JSON and exits {ok_code}", source or prose or command.source))
+
+
+def _check_for(command: ShellCommand) -> Callable[[Runner, float], CheckResult]:
+    if str(CONFIG_CHECK) in command.argv:
+        return check_config
+    if str(SELF_TEST) in command.argv:
+        return check_self_test
+    return _generic
+
+
+def _generic(runner: Runner, timeout: float) -> CheckResult:
+    """A self-test command the harness has no dedicated check for: it must print JSON and exit 0."""
+    result = runner((), None, timeout)
+    ok = result.code == 0 and bool(result.json_lines())
+    return CheckResult("self_test_command", ok, f"exit {result.code}, {len(result.json_lines())} JSON line(s)",
+                       evidence={"exit_code": result.code})
+
+
+# -- the commands as written -------------------------------------------------------------------------------
+
+
+@dataclass
+class _AsWritten:
+    """A runner for the canary checks that runs the runbook's command as written, whatever argv the check asks
+    for; it keeps what the command did, so a probe can tell a command that exited from one the harness stopped."""
+
+    quantlab: QuantLabEnvironment
+    command: ShellCommand
+    unset: Sequence[str] = ()
+    last: CommandResult | None = None
+
+    def __call__(self, _argv: Sequence[str], extra_env: Mapping[str, str] | None, timeout: float) -> CommandResult:
+        self.last = self.quantlab.run_command(self.command.argv, env=extra_env, unset=self.unset, timeout=timeout)
+        return self.last
 
 
 def _command(runbook: Runbook, script: Path) -> ShellCommand:
@@ -32,15 +157,6 @@ def _command(runbook: Runbook, script: Path) -> ShellCommand:
         if str(script) in command.argv:
             return command
     pytest.skip(f"the runbook {runbook.path} lists no `node {script}` among its self-test commands")
-
-
-def _as_written(quantlab: QuantLabEnvironment, command: ShellCommand, unset: Sequence[str] = ()) -> Runner:
-    """A runner for the canary checks that runs the runbook's command as written, whatever argv the check asks for."""
-
-    def run(_argv: Sequence[str], extra_env: Mapping[str, str] | None, timeout: float) -> CommandResult:
-        return quantlab.run_command(command.argv, env=extra_env, unset=unset, timeout=timeout)
-
-    return run
 
 
 def _exit_codes(runbook: Runbook) -> tuple[tuple[int, int], Source | None]:
@@ -55,92 +171,3 @@ def _exit_codes(runbook: Runbook) -> tuple[tuple[int, int], Source | None]:
         if found:
             return (int(found.group(1)), int(found.group(2))), Source(index + 1, text)
     return DEFAULT_EXIT_CODES, None
-
-
-def _expect_passes(journal: Journal, quantlab: QuantLabEnvironment, runbook: Runbook, command: ShellCommand,
-                   when: str) -> CheckResult:
-    (ok_code, _), prose = _exit_codes(runbook)
-    runner = _as_written(quantlab, command)
-    result = check_config(runner, DEADLINE_S) if str(CONFIG_CHECK) in command.argv else (
-        check_self_test(runner, DEADLINE_S) if str(SELF_TEST) in command.argv else _generic(runner))
-    exit_code = result.evidence.get("exit_code")
-    journal.expect(
-        result.ok and exit_code == ok_code,
-        expected=f"`{command.text}` {when} prints its ok JSON and exits {ok_code}",
-        actual=f"{result.message} (exit {exit_code})",
-        source=prose or command.source,
-        evidence={"command": command.text, **result.evidence},
-    )
-    return result
-
-
-def _generic(runner: Runner) -> CheckResult:
-    """A self-test command the harness has no dedicated check for: it must print JSON and exit 0."""
-    result = runner((), None, DEADLINE_S)
-    ok = result.code == 0 and bool(result.json_lines())
-    return CheckResult("self_test_command", ok, f"exit {result.code}, {len(result.json_lines())} JSON line(s)",
-                       evidence={"exit_code": result.code})
-
-
-@pytest.mark.runbook(ITEM)
-def test_self_test_commands_as_written(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
-    with journal.steady_state("a configured host: token, archive settings, spool, reachable bucket"):
-        pass
-    for command in runbook_model.self_tests:
-        with journal.step("command", command.text):
-            _expect_passes(journal, quantlab, runbook_model, command, "on a healthy host")
-
-
-@pytest.mark.runbook(ITEM)
-def test_config_check_missing_token(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
-    command = _command(runbook_model, CONFIG_CHECK)
-    (_, failed_code), prose = _exit_codes(runbook_model)
-    token = runbook_model.failure("observer-unauthorized").fix_ids.env_names[0]
-    wanted = MISSING_LINE.format(name=token)
-
-    with journal.steady_state(f"`{command.text}` passes"):
-        _expect_passes(journal, quantlab, runbook_model, command, "before the fault")
-
-    with journal.inject(f"{token} missing from the environment"):
-        result = quantlab.run_command(command.argv, unset=[token], timeout=DEADLINE_S)
-    journal.symptom(
-        result.code == failed_code and wanted in result.stderr.splitlines(),
-        expected=f"`{command.text}` exits {failed_code} and says `{wanted}`",
-        actual=f"exit {result.code}; stderr: {result.stderr.strip()[-200:] or 'empty'}",
-        source=prose or command.source,
-        evidence={"exit_code": result.code},
-    )
-
-    with journal.fix(f"{token} set again"):
-        recovered = check_config(_as_written(quantlab, command), DEADLINE_S)
-    journal.recovered(recovered.ok, expected=f"with {token} set, `{command.text}` passes", actual=recovered.message,
-                      source=command.source, evidence=recovered.evidence)
-
-
-@pytest.mark.runbook(ITEM)
-def test_self_test_s3_down(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
-    command = _command(runbook_model, SELF_TEST)
-    (_, failed_code), prose = _exit_codes(runbook_model)
-    failure = runbook_model.failure("s3-archive-unreachable")
-
-    with journal.steady_state(f"`{command.text}` passes"):
-        _expect_passes(journal, quantlab, runbook_model, command, "before the fault")
-
-    with journal.inject("the S3 endpoint refuses connections (S3 proxy disabled)"):
-        quantlab.s3_proxy.disable()
-        outcome = run_self_test(_as_written(quantlab, command), DEADLINE_S)
-    journal.measure("self_test_time_to_fail_s", round(outcome.result.duration_s, 3))
-    journal.symptom(
-        outcome.result.code == failed_code and outcome.failed_step == S3_STEP,
-        expected=f"`{command.text}` exits {failed_code}, stopped at {S3_STEP} ({failure.symptom})",
-        actual=f"exit {outcome.result.code}; stopped at {outcome.failed_step}; steps passed: {outcome.steps or 'none'}; "
-               f"error: {outcome.error}",
-        source=failure.symptom_source,
-        evidence={"steps": outcome.steps, "error": outcome.error, "timed_out": outcome.result.timed_out},
-    )
-
-    with journal.fix("the S3 endpoint reachable again"):
-        quantlab.s3_proxy.enable()
-    recovered = check_self_test(_as_written(quantlab, command), DEADLINE_S)
-    journal.recovered(recovered.ok, expected=f"with S3 reachable, `{command.text}` passes every step",
-                      actual=recovered.message, source=failure.fix_source, evidence=recovered.evidence)
