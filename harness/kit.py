@@ -65,17 +65,6 @@ def failed(results: Sequence[CheckResult]) -> list[str]:
     return [f"{r.name}: {r.message}" for r in results if not r.ok]
 
 
-def baseline(env: QuantLabEnvironment, runbook: Runbook) -> tuple[CanaryOutcome, Snapshot]:
-    """A healthy canary run before the fault, and a snapshot of what it left, to prove later that nothing is lost."""
-    outcome = canary(env, runbook)
-    problems = canary_problems(env, outcome)
-    if problems:
-        raise SteadyStateNotReached(f"a healthy canary run (the runbook's canary command, as written, with a "
-                                    f"harness strategy) failed before any fault was injected: {'; '.join(problems)}",
-                                    blocked_by=CANARY_ITEM)
-    return outcome, snapshot(env.audit_dir, env.bucket)
-
-
 def canary_problems(env: QuantLabEnvironment, outcome: CanaryOutcome, *, natural_end: bool = True) -> list[str]:
     """What is wrong with a canary run that should be healthy: its three runbook checks, and (natural_end) a stop
     other than the run's natural end, with the guard or budget the audit trail names."""
