@@ -100,6 +100,7 @@ class Action:
     name: str
     run: Callable[[], Any]
     blocks: str | None = None
+    source: Source | None = None  # the runbook line that asks for it, quoted when the system refuses it
 
 
 @dataclass
@@ -111,9 +112,10 @@ class Experiment:
     # Brings the system to its steady state, in order (start the observer, a healthy canary, a live run): an Action
     # is done, a Probe is judged as part of the steady state, so what a later step needs is proven first.
     setup: Sequence[Action | Probe] = ()
-    # Promises judged on the steady system, before any fault (a command's answers, a unit file's settings); a
-    # scenario without a fault may consist of these alone.
-    checks: Sequence[Probe] = ()
+    # Promises judged on the steady system, before any fault (a command's answers, a unit file's settings), in
+    # order; an Action among them is a runbook step whose effect the probes after it judge (systemctl stop, then
+    # "no process left"). A scenario without a fault may consist of these alone.
+    checks: Sequence[Probe | Action] = ()
     fault: Sequence[Action] = ()
     symptom: Sequence[Probe] = ()
     fix: Sequence[Action] = ()
@@ -130,7 +132,7 @@ class Experiment:
         refusals = []
         if self.fault and not self.steady_state:
             refusals.append("its steady state has no probe (a steady state that checks nothing proves nothing)")
-        if not self.fault and not self.steady_state and not self.checks:
+        if not self.fault and not self.steady_state and not any(isinstance(c, Probe) for c in self.checks):
             refusals.append("it has no probe at all")
         if self.fault and not self.symptom:
             refusals.append("it applies a fault but observes no symptom")
@@ -140,8 +142,8 @@ class Experiment:
             refusals.append("it applies a fix but observes no recovery")
         if self.recovery and not self.fix:
             refusals.append("it observes a recovery without applying a fix")
-        setup_probes = [item for item in self.setup if not isinstance(item, Action)]
-        for probe in [*setup_probes, *self.steady_state, *self.checks, *self.symptom, *self.recovery]:
+        setup_probes = [item for item in [*self.setup, *self.checks] if not isinstance(item, Action)]
+        for probe in [*setup_probes, *self.steady_state, *self.symptom, *self.recovery]:
             if not isinstance(probe, Probe) or not callable(probe.observe) or not isinstance(probe.tolerance, Tolerance):
                 refusals.append(f"{probe!r} is not a Probe with an observe function and a tolerance")
             elif probe.deadline_s < 0 or probe.interval_s <= 0:
@@ -328,7 +330,7 @@ class Runner:
         try:
             self._steady(experiment, run)
             before = experiment.snapshot() if experiment.snapshot is not None else None
-            self._judge(CHECK, experiment.checks, run)
+            self._check(experiment.checks, run)
             applied = self._act(FAULT, experiment.fault, run)
             if experiment.fault:
                 run.fault_at = applied
@@ -394,18 +396,30 @@ class Runner:
         if not judgement.held:
             raise SteadyStateNotReached(f"{probe.tolerance.says}: {judgement.seen}", blocked_by=probe.blocks)
 
+    def _check(self, checks: Sequence[Probe | Action], run: Run) -> None:
+        """The checks in order: each probe judged, each action done (one the system refuses is a deviation, and the
+        probes after it still judge what the system does)."""
+        for check in checks:
+            if isinstance(check, Action):
+                self._act(CHECK, [check], run)
+            else:
+                self._one(CHECK, check, run)
+
     def _act(self, phase: str, actions: Sequence[Action], run: Run) -> float | None:
         """Runs the actions in order; the time the last one finished (the fault applied), or None when the system
-        refused one (a runbook step that cannot be done as written is a deviation, and the symptom is not judged)."""
+        refused one (a runbook step that cannot be done as written, or a service that does not reach the state the
+        step asks for: a deviation, and a fault's symptom is then not judged)."""
+        from harness.services import ServiceError
+
         for action in actions:
             with self.journal.step(phase, action.name) as step:
                 try:
                     action.run()
-                except AssertionError as exc:
+                except (AssertionError, ServiceError) as exc:
                     step.ok = False
                     says = getattr(exc, "says", None) or f"{action.name} can be done as written"
                     seen = getattr(exc, "seen", None) or str(exc)
-                    run.deviations.append(Deviation(phase, says, seen, getattr(exc, "source", None)))
+                    run.deviations.append(Deviation(phase, says, seen, getattr(exc, "source", None) or action.source))
                     return None
         return self.clock.now()
 

@@ -505,3 +505,22 @@ def test_a_probe_in_the_setup_is_judged_before_the_step_that_needs_it_and_blocks
     with pytest.raises(SteadyStateNotReached) as caught:
         journal(clock).run(experiment(System(clock), setup=setup))
     assert caught.value.blocked_by == "canary" and not started
+
+
+def test_an_action_among_the_checks_is_a_step_whose_effect_the_next_probes_judge() -> None:
+    from harness.services import ServiceFailed
+
+    clock = FakeClock()
+    unit = {"active": True}
+
+    def restart() -> None:
+        raise ServiceFailed("quantlab-worker.service did not come back: exit 1")
+
+    checks = [Action("systemctl stop quantlab-worker", lambda: unit.update(active=False)),
+              Probe("the process table", lambda: not unit["active"], holds("stop leaves no process", SYMPTOM_LINE)),
+              Action("systemctl restart quantlab-worker", restart, source=FIX_LINE),
+              Probe("the unit", lambda: unit["active"], holds("restart leaves it active", FIX_LINE))]
+    with pytest.raises(ExperimentDeviated) as caught:
+        journal(clock).run(Experiment("verbs", steady_state=[], checks=checks))
+    assert [(d.phase, d.source) for d in caught.value.deviations] == [("check", FIX_LINE), ("check", FIX_LINE)]
+    assert "did not come back" in caught.value.deviations[0].seen

@@ -21,7 +21,8 @@ from harness.experiment import Action, Experiment, Observation, Probe, Slot, hol
 from harness.journal import Journal
 from harness.outcomes import DriftFound
 from harness.runbook import BreakGlassStep, Runbook, Source
-from harness.scenarios.test_kill_switch import Ingest, connection_ids, live_run_setup, stop_and_verify
+from harness.live_probes import Ingest, connection_ids, live_run_setup
+from harness.scenarios.test_kill_switch import stop_and_verify
 from harness.units import EnvFile
 
 # How soon a restarted observer must show the rotated token (the restart itself waits until it is ready).

@@ -25,7 +25,7 @@ from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal
 from harness.runbook import Failure, Runbook
-from harness.scenarios.test_kill_switch import (
+from harness.live_probes import (
     STOP_DEADLINE_S, Ingest, connection_ids, listed_stopped, live_run_setup, stops_taking_events, taking_events,
 )
 

@@ -18,7 +18,7 @@ from harness.environment import QuantLabEnvironment
 from harness.experiment import Experiment, Observation, Probe, holds
 from harness.journal import Journal
 from harness.runbook import HttpRequest, Runbook, Source
-from harness.scenarios.test_kill_switch import Ingest, connection_ids, live_run_setup, taking_events
+from harness.live_probes import Ingest, connection_ids, live_run_setup, taking_events
 
 ITEM = "health-checks"
 HEALTH, RUNS = "health", "runs"

@@ -13,7 +13,6 @@ failure.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ from harness.environment import QuantLabEnvironment, ServiceWiring
 from harness.errors import HarnessError
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal, violation
-from harness.outcomes import one_sentence
 from harness.ports import eventually
 from harness.runbook import Runbook, Source, SystemctlCommand, load_runbook
-from harness.services import ServiceFailed, ServiceStatus
+from harness.services import ServiceStatus
 from harness.target import Target
 from harness.units import UnitError, parse_unit
 
@@ -165,6 +163,8 @@ def _simple(env: QuantLabEnvironment, journal: Journal, role: str, wiring: Servi
             verbs: dict[str, SystemctlCommand]) -> dict[str, Any]:
     start, stop, restart, status = (verbs[v] for v in VERBS)
     started: Slot[ServiceStatus] = Slot(f"{unit}'s status after {start.text}")
+    first: Slot[ServiceStatus] = Slot(f"{unit}'s status before {restart.text}")
+    pids: Slot[list[int]] = Slot(f"{unit}'s processes before {stop.text}")
     known: set[int] = set()
 
     def start_it() -> None:
@@ -180,10 +180,14 @@ def _simple(env: QuantLabEnvironment, journal: Journal, role: str, wiring: Servi
             *_health(env, journal, wiring, unit, start),
             *_feeds_from_exchange(env, wiring, unit, start, known),
             _status(env, role, unit, status, running=True),
-            Probe(stop.text, lambda: _stop(env, role, unit),
+            Action(stop.text, lambda: (pids.set(_process_tree(env.status(role).main_pid)), env.stop(role)),
+                   source=stop.source),
+            Probe("the process table", lambda: _stopped(env, role, unit, pids.value),
                   holds(f"{stop.text} leaves {unit} inactive with no process left", stop.source)),
             _status(env, role, unit, status, running=False),
-            Probe(restart.text, lambda: _restart(env, role, unit),
+            Action(restart.text, lambda: (first.set(env.start(role, check=False)), env.restart(role)),
+                   source=restart.source),
+            Probe("the process table", lambda: _restarted(env, role, unit, first.value),
                   holds(f"{restart.text} gives {unit} a new main PID and leaves it active", restart.source)),
             *(_health(env, journal, wiring, unit, restart) if wiring.role.health_path and wiring.port else []),
         ],
@@ -278,27 +282,21 @@ def _status(env: QuantLabEnvironment, role: str, unit: str, command: SystemctlCo
                                               (" with its main PID" if running else ""), command.source))
 
 
-def _stop(env: QuantLabEnvironment, role: str, unit: str) -> Observation:
-    """The runbook's stop, then the unit's processes looked up in the process table."""
-    pids = _process_tree(env.status(role).main_pid)
-    stopped = env.stop(role)
+def _stopped(env: QuantLabEnvironment, role: str, unit: str, pids: list[int]) -> Observation:
+    """After the runbook's stop: the unit inactive, and its processes gone from the process table."""
+    status = env.status(role)
     left = _left_behind(pids)
-    return Observation(stopped.active_state == "inactive" and not left,
-                       f"{unit} is {stopped.active_state} ({stopped.sub_state}); processes left: {left or 'none'} "
+    return Observation(status.active_state == "inactive" and not left,
+                       f"{unit} is {status.active_state} ({status.sub_state}); processes left: {left or 'none'} "
                        f"(of {pids or 'none'})", {"pids": pids, "left": left}, final=True)
 
 
-def _restart(env: QuantLabEnvironment, role: str, unit: str) -> Observation:
-    """The runbook's restart of the running unit: a new main PID, the old one gone from the process table."""
-    first = env.start(role, check=False)
-    try:
-        restarted = env.restart(role)
-    except ServiceFailed as exc:
-        return Observation(False, f"main PID {first.main_pid}; the restart failed: {one_sentence(str(exc), 300)}",
-                           final=True)
+def _restarted(env: QuantLabEnvironment, role: str, unit: str, first: ServiceStatus) -> Observation:
+    """After the runbook's restart of the running unit: a new main PID, the old one gone from the process table."""
+    now = env.status(role)
     old_left = _left_behind([first.main_pid] if first.main_pid else [])
-    return Observation(restarted.active and restarted.main_pid not in (None, first.main_pid) and not old_left,
-                       f"main PID {first.main_pid} -> {restarted.main_pid}; {restarted.active_state}"
+    return Observation(now.active and now.main_pid not in (None, first.main_pid) and not old_left,
+                       f"{unit}: main PID {first.main_pid} -> {now.main_pid}; {now.active_state}"
                        + ("; the old main PID is still alive" if old_left else ""), final=True)
 
 
@@ -338,23 +336,22 @@ def _oneshot(env: QuantLabEnvironment, role: str, unit: str, verbs: dict[str, Sy
         "setup": [Action(f"{start.text} (oneshot)", lambda: started.set(env.start(role, check=False)))],
         "steady_state": [_runs_here(env, role, started, oneshot=True)],
         "checks": [
-            _ran_to_success(env, role, unit, start, lambda: env.status(role)),
-            _ran_to_success(env, role, unit, restart, lambda: env.restart(role)),
-            Probe(stop.text, lambda: _stopped(env.stop(role), unit),
-                  holds(f"{stop.text} leaves {unit} inactive", stop.source)),
+            _ran_to_success(env, role, unit, start),
+            Action(f"{restart.text} (oneshot)", lambda: env.restart(role), source=restart.source),
+            _ran_to_success(env, role, unit, restart),
+            Action(f"{stop.text} (oneshot)", lambda: env.stop(role), source=stop.source),
+            Probe(stop.text, lambda: _inactive(env, role, unit), holds(f"{stop.text} leaves {unit} inactive", stop.source)),
             _status(env, role, unit, status, running=False),
         ],
         "rollbacks": [Action(f"{stop.text} (whatever happened)", lambda: env.stop(role))],
     }
 
 
-def _ran_to_success(env: QuantLabEnvironment, role: str, unit: str, command: SystemctlCommand,
-                    ran: Callable[[], ServiceStatus]) -> Probe:
+def _ran_to_success(env: QuantLabEnvironment, role: str, unit: str, command: SystemctlCommand) -> Probe:
+    """The oneshot's last run, as its status says after `command`."""
+
     def observe() -> Observation:
-        try:
-            status = ran()
-        except ServiceFailed as exc:
-            return Observation(False, one_sentence(str(exc), 300), final=True)
+        status = env.status(role)
         return Observation(status.result == "success" and status.exit_code == 0 and status.active_state != "failed",
                            f"{status.active_state} ({status.sub_state}), result {status.result}, exit "
                            f"{status.exit_code}: {status.message} | {' | '.join(env.logs(role, lines=5))}", final=True)
@@ -362,7 +359,8 @@ def _ran_to_success(env: QuantLabEnvironment, role: str, unit: str, command: Sys
     return Probe(command.text, observe, holds(f"{command.text} runs the oneshot {unit} to success", command.source))
 
 
-def _stopped(status: ServiceStatus, unit: str) -> Observation:
+def _inactive(env: QuantLabEnvironment, role: str, unit: str) -> Observation:
+    status = env.status(role)
     return Observation(status.active_state == "inactive", f"{unit} is {status.active_state} ({status.sub_state})",
                        final=True)
 
