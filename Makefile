@@ -1,4 +1,5 @@
 # Front door. Every target installs what it needs first and nothing that is already there.
+# Quiet by default: V=1 shows what is hidden (pip's and go's messages, every node test by name, apt-get's output).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,17 +7,27 @@ PY := $(VENV)/bin/python
 TWIN := reference/quantlab
 NODE_TEST_FLAGS ?= --test-concurrency=2
 PYTEST_FLAGS ?= -n auto
+VERBOSE := $(filter 1 yes true,$(V))
+Q := $(if $(VERBOSE),,@)  # hides a recipe line whose own progress line says what it does
+# setuptools' banner about editable installs is a warning for its own developers, not for ours.
+PIP_INSTALL := $(if $(VERBOSE),,PYTHONWARNINGS="ignore:Editable installation") $(PY) -m pip install \
+  --disable-pip-version-check $(if $(VERBOSE),,--quiet)
+# One character a test, every failure in full and the totals (tools/node-test-terse.mjs); V=1: TAP, every test.
+NODE_TEST_REPORTERS := --test-reporter=$(if $(VERBOSE),tap,$(CURDIR)/tools/node-test-terse.mjs)
+# go's `go: downloading MODULE` lines (one a module on a fresh machine) say nothing a user acts on.
+WITHOUT_GO_DOWNLOADS := $(if $(VERBOSE),,2> >(sed -u '/^go: downloading /d' >&2))
 
-.PHONY: bootstrap browser prepare-target test test-twin test-harness chaos clean help
+.PHONY: help bootstrap venv runtime browser prepare-target test test-twin test-harness chaos bench soak clean
 
-help:
-	@echo "make chaos      run the chaos suite against the twin (reports in reports/)"
-	@echo "make test       run every test suite (the twin's node tests and pytest)"
-	@echo "make bootstrap  install what is missing: .venv, the twin's npm packages, toxiproxy"
-	@echo "make prepare-target  unpack the real QuantLab snapshot (../shared/targets/) into ~/.cache/quantlab-chaos and npm ci it"
-	@echo "make soak       the chaos suite SOAK_N times (20); fails on any outcome that differs (SOAK_PRESSURE=1: busy CPUs)"
+help: ## this list
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "make %-15s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@echo "Add V=1 to any target to see what it hides by default."
 
-bootstrap: $(VENV)/.installed $(TWIN)/node_modules/.installed .tools/bin/.ready tools/allure/node_modules/.installed
+bootstrap: runtime .tools/bin/.ready tools/allure/node_modules/.installed ## install what is missing: .venv, the twin's and allure's npm packages, toxiproxy
+
+venv: $(VENV)/.installed ## only the Python environment, .venv (bin/quantlab-canary makes it on first use)
+
+runtime: venv $(TWIN)/node_modules/.installed ## .venv and the twin's npm packages (bin/quantlab-chaos makes them on first use)
 
 tools/allure/node_modules/.installed: tools/allure/package-lock.json
 	@command -v npm >/dev/null || { echo "bootstrap: npm not found; install Node.js 20 with npm and run make again" >&2; exit 2; }
@@ -24,19 +35,21 @@ tools/allure/node_modules/.installed: tools/allure/package-lock.json
 	@touch $@
 
 # Headless Chromium for the test that opens the HTML report; installed with apt where we are root.
-browser:
+browser: ## headless Chromium, with apt-get when it is missing and we are root (for the tests that open HTML reports)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      echo "browser: installing Chromium with apt-get (once; a few minutes, most of it downloading)"; \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium $(if $(VERBOSE),,>/dev/null)) || \
 	      echo "browser: could not install chromium; the HTML report test will be skipped"; \
 	    else echo "browser: chromium missing and not root; the HTML report test will be skipped"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "bootstrap: $(PYTHON) not found; install Python 3.11+ and run make again" >&2; exit 2; }
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { echo "bootstrap: Python 3.11+ is required ($(PYTHON) is older); set PYTHON=/path/to/python3.11" >&2; exit 2; }
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@echo "bootstrap: making the Python environment .venv (once; about a minute)"
+	$(Q)$(PYTHON) -m venv $(VENV)
+	$(Q)$(PIP_INSTALL) --upgrade pip
+	$(Q)$(PIP_INSTALL) -e .
 	@touch $@
 
 $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
@@ -46,37 +59,35 @@ $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
 	@touch $@
 
 .tools/bin/.ready: tools/install-toxiproxy.sh
-	./tools/install-toxiproxy.sh
+	$(Q)./tools/install-toxiproxy.sh $(WITHOUT_GO_DOWNLOADS)
 	@touch $@
 
 # The real QuantLab snapshot in ../shared/targets/, unpacked and installed outside the project (a no-op when it is
 # already prepared, skipped when absent); tests/test_real_target.py runs the chaos suite on it.
-prepare-target:
+prepare-target: ## unpack the real QuantLab snapshot (../shared/targets/) into ~/.cache/quantlab-chaos and npm ci it
 	$(PYTHON) tools/prepare_target.py
 
-test: bootstrap browser test-twin test-harness
+test: bootstrap browser test-twin test-harness ## every test suite: the twin's node tests, then pytest (about 8 min)
 
-chaos: bootstrap
+chaos: bootstrap ## the chaos suite against the twin; reports in reports/ (CHAOS_FLAGS: more `run` options)
 	$(VENV)/bin/quantlab-chaos run --html $(CHAOS_FLAGS)
 
-test-twin: bootstrap
-	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_FLAGS) test/
+test-twin: bootstrap ## the twin's own node --test suite
+	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_REPORTERS) $(NODE_TEST_FLAGS) test/
 
-test-harness: bootstrap prepare-target
+test-harness: bootstrap prepare-target ## the harness's own tests and the scenarios under pytest (PYTEST_FLAGS: -n auto)
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
-clean:
+clean: ## remove what bootstrap installed, and the reports
 	rm -rf $(VENV) .tools $(TWIN)/node_modules tools/allure/node_modules
-	cd reports && rm -rf allure-results allure-report bench-suite soak real-target *.json *.xml summary.md soak.md
+	cd reports && rm -rf allure-results allure-report bench-suite soak real-target *.json *.xml *.png summary.md soak.md runbook.html
 
 # Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1.
-.PHONY: bench
-bench: bootstrap
+bench: bootstrap ## the benchmarks, in reports/bench.json (BENCH_SUITE=1: the whole suite too)
 	$(PY) -m bench.run $(if $(filter 1 yes true,$(BENCH_SUITE)),--suite) --out reports/bench.json $(BENCH_FLAGS)
 
 # The chaos suite SOAK_N times (default 20); fails listing every test whose outcome differed between runs.
 # SOAK_PRESSURE=1 keeps one busy loop per core running for the whole soak. Reports: reports/soak.{json,md}.
 SOAK_N ?= 20
-.PHONY: soak
-soak: bootstrap
+soak: bootstrap ## the chaos suite SOAK_N times (20); fails on any outcome that differs (SOAK_PRESSURE=1: busy CPUs)
 	$(VENV)/bin/quantlab-chaos soak -N $(SOAK_N) $(if $(filter 1 yes true,$(SOAK_PRESSURE)),--cpu-pressure) $(SOAK_FLAGS)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -73,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Started in the background of a non-interactive shell (`cmd &`), SIGINT comes ignored, and so would the live
+    # canary's own run inherit it: Python's handler is put back so Ctrl-C or `kill -INT` stops both.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parser().parse_args(argv)  # argparse exits 2 on usage errors
     started = time.time()
     try:

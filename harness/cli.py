@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from harness.errors import EXIT_USAGE, HarnessError
+from harness.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
     from harness.runbook import Runbook
@@ -196,11 +198,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def restore_default_sigint() -> None:
+    """A process started in the background of a non-interactive shell (`cmd &` in a CI script) inherits SIGINT as
+    ignored, and Python keeps it so: Ctrl-C or `kill -INT` would then stop neither the harness nor what it started,
+    and every child would inherit the deafness. Puts Python's own handler (KeyboardInterrupt) back; a handler that
+    someone installed on purpose is left alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """A folder given where a file belongs is named as such, with the argument to pass instead."""
+    from pathlib import Path
+
+    runbook = getattr(args, "runbook", None)
+    if runbook and Path(runbook).expanduser().is_dir():
+        folder = Path(runbook).expanduser().resolve()
+        if (folder / "docs" / "runbook.md").is_file():
+            instead = (f"pass the checkout as --quantlab-root {folder} (its docs/runbook.md is read from there), or "
+                       f"--runbook {folder / 'docs' / 'runbook.md'}")
+        elif (folder / "runbook.md").is_file():
+            instead = f"pass --runbook {folder / 'runbook.md'}"
+        else:
+            instead = "pass the runbook's markdown file itself (QuantLab keeps it at docs/runbook.md in its checkout)"
+        raise ConfigError(f"--runbook {runbook} is a folder, not a runbook file: {instead}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    restore_default_sigint()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Command = args.handler
     try:
+        _check_paths(args)
         return handler(args)
     except HarnessError as exc:
         print(f"quantlab-chaos: {exc}", file=sys.stderr)

@@ -164,9 +164,12 @@ class QuantLabEnvironment(AbstractContextManager):
         return env
 
     def plumbing_env(self) -> dict[str, str]:
-        """What the harness adds on top: the preload that sends the hard-coded exchange URL to the proxy."""
+        """What the harness adds on top: the preload that sends the hard-coded exchange URL to the proxy, and the
+        AWS SDK's own switch for its Node-version notice, which says nothing about the runbook and would fill every
+        journal (the SDK emits it as a plain Warning, so `--disable-warning=NodeVersionSupportWarning` misses it)."""
         return {
             "NODE_OPTIONS": node_options_with_preload(os.environ.get("NODE_OPTIONS", "")),
+            "AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED": "true",
             **url_map_env({BINANCE_FUTURES_WS: self.exchange_url}),
         }
 
@@ -442,7 +445,10 @@ def shared_parts(s3_backend: str = "moto", s3_url: str | None = None, toxiproxy_
 
 def serve_environment(*, quantlab_root: str | None, runbook: str | None, s3_backend: str, s3_url: str | None,
                       toxiproxy_bin: str | None, services: Sequence[str] | None) -> int:
-    """`quantlab-chaos env up`: boots everything, prints the endpoints as JSON, and tears down on Ctrl-C/SIGTERM."""
+    """`quantlab-chaos env up`: boots everything, prints the endpoints as JSON, and tears down on Ctrl-C/SIGTERM.
+    Its folder holds env files with the environment's token and S3 keys, so it goes too, however the command ends
+    (but SIGKILL: then the reaper ends the processes, and the folder stays)."""
+    import shutil
     import tempfile
 
     target = Target.load(quantlab_root, runbook)
@@ -464,3 +470,4 @@ def serve_environment(*, quantlab_root: str | None, runbook: str | None, s3_back
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(workdir, ignore_errors=True)  # after the with: every service that wrote into it has stopped

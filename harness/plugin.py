@@ -5,15 +5,21 @@ proxies, a fake exchange and a `QuantLabEnvironment` with its own token, spool, 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import allure
 import pytest
+from allure_commons.model2 import StatusDetails, TestResult
 
 from harness import reaper
+from harness.cli import restore_default_sigint
 from harness.environment import QuantLabEnvironment, Settings
 from harness.errors import HarnessError
 from harness.fakes.binance import FakeBinance
@@ -24,12 +30,18 @@ from harness.isolation import host_network_reason, isolate_process_network, run_
 from harness.journal import Journal
 from harness.outcomes import BLOCKED, DRIFT, ERROR, SKIPPED, Verdict, classify, one_sentence
 from harness.redact import redact
-from harness.reporting import skip_reason
+from harness.reporting import (BEYOND_MARKERS, BEYOND_PARENT, BEYOND_PARENTS, RUNBOOK_PARENT, SECURITY_PROPERTY,
+                               allure_group_labels, findings_markdown, runbook_groups, skip_reason)
 from harness.runbook import Runbook, load_runbook
 from harness.secrets_scan import register as register_secrets_guard
 from harness.secrets_scan import remember as remember_secrets
 from harness.secrets_scan import scan_environment_output
 from harness.target import Target
+
+F = TypeVar("F", bound=Callable[..., Any])
+TEARDOWN_NAME = "__allure_teardown_name__"
+HIDDEN_FINALIZER = "_quantlab_hidden_finalizer"
+FINDINGS = pytest.StashKey[list[Mapping[str, Any]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,6 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    restore_default_sigint()  # a pytest started as `pytest ... &` from a script must still stop on SIGINT
     config.addinivalue_line("markers", "runbook(item): the runbook item this scenario proves (e.g. 'failure:live-ws-disabled')")
     config.addinivalue_line(
         "markers", "quantlab_settings(archive=True, live_ws=True, audit=True, extra=None): settings the quantlab fixture starts with"
@@ -113,10 +126,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item_id = str(marker.args[0]) if marker and marker.args else None
         if item_id:
             item.user_properties.append(("runbook_item", item_id))
+        _group_beyond(item)
         (selected if not wanted or item_id in wanted else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+def _group_beyond(item: pytest.Item) -> None:
+    """A check beyond the runbook (hostile exchange, security) goes under its own allure parent, one group per test
+    function (its parametrized cases inside)."""
+    for row_id, (marker, _) in BEYOND_MARKERS.items():
+        if item.get_closest_marker(marker) is not None:
+            name = getattr(item, "originalname", item.name).removeprefix("test_").replace("_", " ")
+            for label, value in allure_group_labels(BEYOND_PARENT, BEYOND_PARENTS[row_id], name):
+                item.add_marker(pytest.mark.allure_label(value, label_type=label))
+            return
+
+
+def teardown_named(name: str) -> Callable[[F], F]:
+    """Names a yield fixture's teardown as allure shows it (`<fixture>::<name>`): allure takes the finalizer's
+    function name, which for pytest's own finalizers is a bare index or `<lambda>`."""
+    def mark(func: F) -> F:
+        setattr(func, TEARDOWN_NAME, name)
+        return func
+    return mark
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[None]:
+    """Readable teardown steps in allure, which wraps each finalizer a fixture holds once it is set up (its wrapper
+    runs around this one): the teardown of a yield fixture (pytest's partial) gets its name, and pytest's own call
+    of the post-finalizer hook (a lambda, in every fixture, doing nothing a reader needs) is hidden from allure
+    until the wrapper around allure's puts it back."""
+    yield
+    finalizers = getattr(fixturedef, "_finalizers", [])
+    for finalizer in finalizers:
+        if isinstance(finalizer, functools.partial):
+            finalizer.__name__ = getattr(fixturedef.func, TEARDOWN_NAME, "teardown")  # type: ignore[attr-defined]
+    if finalizers and getattr(finalizers[0], "__name__", None) == "<lambda>":
+        setattr(fixturedef, HIDDEN_FINALIZER, finalizers.pop(0))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True, specname="pytest_fixture_setup")
+def pytest_fixture_setup_restore(fixturedef: pytest.FixtureDef[Any]) -> Iterator[None]:
+    """Puts pytest's post-finalizer call back first in the fixture's finalizers (they run last to first)."""
+    yield
+    hidden = fixturedef.__dict__.pop(HIDDEN_FINALIZER, None)
+    if hidden is not None:
+        fixturedef._finalizers.insert(0, hidden)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +194,7 @@ def runbook_model(quantlab_target: Target) -> Runbook:
 
 
 @pytest.fixture(scope="session")
+@teardown_named("stop the S3 server")
 def s3_server(pytestconfig: pytest.Config) -> Iterator[S3Server]:
     backend = pytestconfig.getoption("s3_backend")
     if backend == "minio" and not docker_status()[0]:
@@ -148,6 +207,7 @@ def s3_server(pytestconfig: pytest.Config) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
+@teardown_named("stop toxiproxy")
 def toxiproxy_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToxiproxyServer]:
     log = tmp_path_factory.mktemp("toxiproxy") / "toxiproxy.log"
     backend = pytestconfig.getoption("toxiproxy_backend")
@@ -161,6 +221,7 @@ def toxiproxy_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture()
+@teardown_named("delete the bucket")
 def s3(s3_server: S3Server) -> Iterator[Bucket]:
     """A bucket of this test's own, deleted afterwards."""
     bucket = s3_server.bucket()
@@ -169,6 +230,7 @@ def s3(s3_server: S3Server) -> Iterator[Bucket]:
 
 
 @pytest.fixture()
+@teardown_named("remove the toxics, enable the proxies")
 def toxiproxy(toxiproxy_server: ToxiproxyServer) -> Iterator[ToxiproxyServer]:
     """The process's toxiproxy server; every toxic is removed and every proxy enabled after the test."""
     yield toxiproxy_server
@@ -176,6 +238,7 @@ def toxiproxy(toxiproxy_server: ToxiproxyServer) -> Iterator[ToxiproxyServer]:
 
 
 @pytest.fixture()
+@teardown_named("stop the fake exchange")
 def fake_binance(request: pytest.FixtureRequest) -> Iterator[FakeBinance]:
     """A fake Binance USDⓈ-M futures stream server for this test (seeded by the test's name)."""
     with FakeBinance(rate=40, seed=request.node.nodeid) as server:
@@ -189,6 +252,7 @@ def quantlab_settings(request: pytest.FixtureRequest) -> Settings:
 
 
 @pytest.fixture()
+@teardown_named("stop the services, scan what they wrote for secrets")
 def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyServer, fake_binance: FakeBinance,
              quantlab_settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[QuantLabEnvironment]:
     """The target's services, wired through toxiproxy to S3 and the fake exchange; started on demand. At the end,
@@ -210,7 +274,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped:
         verdict = Verdict(SKIPPED, skip_reason(report))
     elif call.when == "call":
-        verdict = classify(call.excinfo.value if call.excinfo else None)
+        verdict = _verdict(call.excinfo.value if call.excinfo else None)
     elif report.failed:
         exc = call.excinfo.value if call.excinfo else None
         verdict = Verdict(ERROR, one_sentence(f"[error] the harness failed in {call.when}: "
@@ -219,6 +283,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     report.verdict = {"outcome": verdict.outcome, "message": verdict.message,  # type: ignore[attr-defined]
                       "blocked_by": verdict.blocked_by}
+
+
+def _verdict(exc: BaseException | None) -> Verdict:
+    """classify(), with a plain assert's message as the sentence: pytest appends its explanation of the expression
+    (`assert ...`, `+  where ...`), which read flattened like a cut traceback."""
+    verdict = classify(exc)
+    if type(exc) is AssertionError:
+        return replace(verdict, message=one_sentence(assertion_message(exc)))
+    return verdict
+
+
+def assertion_message(exc: AssertionError) -> str:
+    """The message a plain assert was given, or the asserted expression when it was given none."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    explained = next((i for i, line in enumerate(lines) if line.startswith("assert ")), len(lines))
+    return " ".join(lines[:explained] if explained else lines[:1]) or "an assertion failed"
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
@@ -248,11 +328,67 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """After the test body (passed or not), while its allure result is open: attach the environment's evidence."""
     yield
-    env = getattr(item, "funcargs", {}).get("quantlab")
+    funcargs = getattr(item, "funcargs", {})
+    env = funcargs.get("quantlab")
     if isinstance(env, QuantLabEnvironment):
         remember_secrets(item, env.secrets())  # a token rotated during the test is known to the leak scans too
         attach_evidence(env)
         item.user_properties.append(("inherent_wait_s", round(sum(s for _, s in env.inherent_waits), 3)))
+    journal = funcargs.get("journal") if isinstance(funcargs.get("journal"), Journal) else None
+    secrets = list(env.secrets().values()) if isinstance(env, QuantLabEnvironment) else []
+    item.stash[FINDINGS] = findings = _findings_of(item, journal, secrets)
+    show_findings(item, journal, findings)
+
+
+def _findings_of(item: pytest.Item, journal: Journal | None, secrets: list[str]) -> list[Mapping[str, Any]]:
+    """The test's findings, secrets redacted: its journal's, or those a security scenario reported in its
+    user_properties."""
+    if journal is not None:
+        found = [asdict(finding) for finding in journal.findings]
+    else:
+        security = dict(item.user_properties).get(SECURITY_PROPERTY)
+        found = list(json.loads(security).get("findings", [])) if security else []
+    return [{**f, "title": redact(str(f["title"]), secrets), "detail": redact(str(f["detail"]), secrets)} for f in found]
+
+
+def show_findings(item: pytest.Item, journal: Journal | None, findings: list[Mapping[str, Any]]) -> None:
+    """Every finding on the test's own allure result, while the test is still its current one: a step each, a tag
+    per severity, and the description: what the test proves, its docstring, then the findings, the worst first."""
+    for finding in findings:
+        with allure.step(f"finding [{finding.get('severity', 'warning')}]: {finding['title']}"):
+            allure.attach(finding["detail"], name=f"finding: {finding['title']}",
+                          attachment_type=allure.attachment_type.TEXT)
+    for severity in dict.fromkeys(str(f.get("severity", "warning")) for f in findings):
+        allure.dynamic.tag(f"{severity} finding")
+    proves = f"Proves {journal.item.source}" if journal is not None else ""
+    function = getattr(item, "function", None)
+    doc = inspect.cleandoc(function.__doc__) if function is not None and function.__doc__ else ""
+    listed = f"**Findings ({len(findings)})**\n\n{findings_markdown(findings)}" if findings else ""
+    text = "\n\n".join(part for part in (proves, doc, listed) if part)
+    if text:
+        allure.dynamic.description(text)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """A test with a defect finding says so first in its allure status details (the call's report has set them by
+    now), so the defect is what a reader sees on the failed test, not only deep in its deviations."""
+    defects = [f for f in item.stash.get(FINDINGS, []) if f.get("severity") == "defect"]
+    result = _allure_result(item.config)
+    if not defects or result is None:
+        return
+    said = "\n".join(f"defect: {f['title']}: {f['detail']}" for f in defects)
+    if result.statusDetails is None:
+        result.statusDetails = StatusDetails(message=said)
+    else:
+        result.statusDetails.message = said + (f"\n\n{result.statusDetails.message}" if result.statusDetails.message else "")
+
+
+def _allure_result(config: pytest.Config) -> TestResult | None:
+    """The allure result of the running test, or None without --alluredir (allure has no public call that amends
+    a test's status details)."""
+    listener = config.pluginmanager.getplugin("allure_listener")
+    return listener.allure_logger.get_test(None) if listener is not None else None
 
 
 def _runbook_of(request: pytest.FixtureRequest) -> Runbook | None:
@@ -289,6 +425,7 @@ def attach_evidence(env: QuantLabEnvironment) -> None:
 
 
 @pytest.fixture()
+@teardown_named("save the journal into the test report")
 def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[Journal]:
     """The journal of the runbook item named by the test's `runbook` marker; saved into the test report."""
     marker = request.node.get_closest_marker("runbook")
@@ -300,16 +437,12 @@ def journal(request: pytest.FixtureRequest, runbook_model: Runbook) -> Iterator[
     except KeyError:
         pytest.skip(f"the runbook {runbook_model.path} has no item '{item_id}' (drift: see 'quantlab-chaos runbook check')")
     entry = Journal(item)
-    allure.dynamic.epic("QuantLab runbook")
-    allure.dynamic.feature(item.section)
-    allure.dynamic.story(f"{item.title} [{item.id}]")
+    for label, value in allure_group_labels(RUNBOOK_PARENT, *runbook_groups(runbook_model, item)):
+        allure.dynamic.label(label, value)
     allure.dynamic.label("runbook_item", item.id)
-    allure.dynamic.description(f"Proves {item.source} ({runbook_model.path.name})")
+    allure.dynamic.label("runbook_line", str(item.source.line))
     try:
         yield entry
     finally:
-        for finding in entry.findings:  # in the test's own allure result, not only in the summaries
-            with allure.step(f"finding [{finding.severity}]: {finding.title}"):
-                allure.attach(finding.detail, name=f"finding: {finding.title}", attachment_type=allure.attachment_type.TEXT)
         # user_properties travel from xdist workers to the controller and into the JUnit XML.
         request.node.user_properties.append(("runbook_journal", json.dumps(entry.to_dict(), default=str)))

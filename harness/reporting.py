@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from harness.outcomes import DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
+from harness.annotated import write_annotated
+from harness.outcomes import BLOCKED, DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.runbook import Runbook, RunbookItem
 from harness.target import PROFILE_FILE, Acceptance
 
@@ -44,6 +46,14 @@ BEYOND_MARKERS = {
     HOSTILE_ROW: ("hostile", "Hostile exchange (junk, repeats, out-of-order events, drops, stalls)"),
     SECURITY_ROW: (SECURITY_MARKER, "Security probes (open ports, credentials, rate limits)"),
 }
+# The allure parents: the runbook's items under one, each row beyond the runbook under its own (reports/README.md).
+RUNBOOK_PARENT, BEYOND_PARENT = "QuantLab runbook", "Beyond the runbook"
+BEYOND_PARENTS = {
+    HOSTILE_ROW: "Beyond the runbook: hostile exchange",
+    SECURITY_ROW: "Beyond the runbook: security",
+    SECRETS_ROW: "Beyond the runbook: target secrets",
+}
+DRIFT_PARENT = "Runbook drift"
 MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
 SEVERITY_ORDER = ("defect", "warning", "info")
 ALLURE_CATEGORIES = [
@@ -285,6 +295,7 @@ class RunbookReport:
         (self.out_dir / SUMMARY_MD).write_text(markdown(data))
         if self.allure_dir is not None and allure_extras:
             write_allure_extras(self.allure_dir, data)
+        write_annotated(self.out_dir, data, {nodeid: o.journal for nodeid, o in self.outcomes.items()}, self.runbook.path)
         return data
 
 
@@ -362,6 +373,33 @@ def _beyond_row(row_id: str, title: str, tests: list[TestOutcome], findings: lis
             "findings": marked}
 
 
+def allure_group_labels(parent: str, group: str, subgroup: str) -> list[tuple[str, str]]:
+    """The labels that place a result in allure's tree: feature and story, which tools/allure/allurerc.json groups
+    by (under the epic), and the same as parentSuite, suite and subSuite, allure's default tree."""
+    return [("epic", parent), ("feature", group), ("story", subgroup),
+            ("parentSuite", parent), ("suite", group), ("subSuite", subgroup)]
+
+
+def runbook_groups(runbook: Runbook, item: RunbookItem) -> tuple[str, str]:
+    """An item's allure groups, its section and itself, each numbered in runbook order: the report's tree is sorted
+    by name, since allure would otherwise order groups by the time their first test started."""
+    items = runbook.items()
+    sections = list(dict.fromkeys(i.section for i in items))
+    return (f"{sections.index(item.section) + 1:02d}. {item.section}",
+            f"{items.index(item) + 1:02d}. {item.title} [{item.id}]")
+
+
+def findings_markdown(findings: list[Mapping[str, Any]]) -> str:
+    """Findings as a Markdown list for a test's allure description, the most severe first."""
+    ranked = sorted(findings, key=_severity_rank)
+    return "\n".join(f"- **{f.get('severity', 'warning')}**: {f['title']}: {f['detail']}" for f in ranked)
+
+
+def _severity_rank(finding: Mapping[str, Any]) -> int:
+    severity = finding.get("severity", "warning")
+    return SEVERITY_ORDER.index(severity) if severity in SEVERITY_ORDER else len(SEVERITY_ORDER)
+
+
 def _failure_message(report: pytest.TestReport) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
     text = crash.message if crash is not None else str(report.longrepr)
@@ -376,31 +414,32 @@ def skip_reason(report: pytest.TestReport) -> str:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    totals = data["totals"]
+    totals, beyond = data["totals"], data.get("beyond") or []
     lines = [
         "# Runbook verification summary", "",
         f"- Target: `{data['target']}`", f"- Runbook: `{data['runbook']}`",
         f"- Started: {data['started_at']}, took {data['duration_s']} s",
         f"- Isolation: {data.get('isolation') or '-'}",
-        "- Items: " + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + f" (exit code {data.get('exit_code')})", "",
-        "| item | line | outcome | symptom seen | fix verified | detect (s) | recover (s) | findings | message |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "- Items: " + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + f" (exit code {data.get('exit_code')})",
     ]
+    if beyond:
+        counts = {o: sum(1 for row in beyond if row["outcome"] == o) for o in (*OUTCOMES, SKIPPED)}
+        lines.append("- Beyond the runbook: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n))
+    lines += ["", "| item | line | outcome | symptom seen | fix verified | detect (s) | recover (s) | findings | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     mark = {True: "yes", False: "no", None: "-"}
     for row in data["items"]:
-        message = one_sentence(row["message"], 300).replace("|", "\\|")
-        if row.get("blocked_by"):
-            message = f"blocked by {row['blocked_by']}: {message}"
         lines.append(f"| {row['id']} | {row['line']} | **{row['outcome']}** | {mark[row['symptom_observed']]} | "
                      f"{mark[row['fix_verified']]} | {row['time_to_detect_s'] if row['time_to_detect_s'] is not None else '-'} | "
                      f"{row['time_to_recover_s'] if row['time_to_recover_s'] is not None else '-'} | "
-                     f"{_finding_counts(row['findings'])} | {message} |")
+                     f"{_cell(_findings_cell(row['findings']))} | {_cell(item_sentence(row))} |")
+    lines += _beyond_markdown(beyond)
     deviations = [(row["id"], d) for row in data["items"] for d in row.get("deviations", [])]
     if deviations:
         lines += ["", "## Deviations (every runbook promise the system did not keep)", ""]
         lines += [f"- {item} [{d['phase']}]: runbook line {d.get('line') or '-'} says {d['says']}; the system: {d['seen']}"
                   .replace("\n", " ") for item, d in deviations]
-    lines += _beyond_markdown(data.get("beyond") or [])
+    lines += _beyond_findings_markdown(beyond)
     findings = [(row["id"], f) for row in data["items"] for f in row["findings"]]
     if findings:
         lines += ["", "## Findings", ""]
@@ -414,23 +453,93 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SENTENCE_LIMIT = 240  # characters of a verdict in summary.md; summary.json keeps the whole text
+# What the outcome column already says, at the start of a scenario's message: the outcome's tag.
+MESSAGE_PREFIXES = re.compile(r"^(?:\[(?:drift|error)\] |\[blocked\] steady state not reached before any fault"
+                              r"(?: \(blocked by runbook item [^)]*\))?: )")
+
+
+def item_sentence(row: Mapping[str, Any]) -> str:
+    """An item's verdict in one sentence: for a failure, the runbook line and what the system did instead (the
+    first deviation), else the message of its first scenario with that outcome, without the prefixes the outcome
+    column gives, and how many more scenarios ended so."""
+    outcome, deviations = row["outcome"], row.get("deviations") or []
+    if outcome == PASS:
+        return f"as runbook line {row['line']} says"
+    if outcome == FAIL and deviations:
+        first = deviations[0]
+        where = f"runbook line {first['line']}" if first.get("line") else "the runbook"
+        more = f" (and {len(deviations) - 1} more deviation(s), listed below)" if len(deviations) > 1 else ""
+        return one_sentence(f"{where} says {first['says']}; the system: {first['seen']}", SENTENCE_LIMIT) + more
+    tests = [t for t in row.get("tests", []) if t["outcome"] == outcome]
+    text = _bare(outcome, tests[0]["message"] if tests else row["message"], row.get("blocked_by"))
+    return text + (f" (and {len(tests) - 1} more scenario(s) {outcome})" if len(tests) > 1 else "")
+
+
+def _bare(outcome: str, message: str, blocked_by: str | None) -> str:
+    """A scenario's message as a sentence, without its name and outcome tag; a blocked one says it was blocked."""
+    text = one_sentence(MESSAGE_PREFIXES.sub("", message), SENTENCE_LIMIT)
+    if outcome == BLOCKED:
+        return f"steady state not reached{f' (blocked by {blocked_by})' if blocked_by else ''}: {text}"
+    return text
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "-"
+
+
 def _finding_counts(findings: list[dict[str, Any]]) -> str:
     counts = {severity: sum(1 for f in findings if f.get("severity") == severity) for severity in SEVERITY_ORDER}
     return ", ".join(f"{n} {severity}" for severity, n in counts.items() if n) or "-"
 
 
+def _findings_cell(findings: list[dict[str, Any]]) -> str:
+    """The counts by severity, and the title of the most severe finding, one not accepted first (the list below has
+    them all)."""
+    if not findings:
+        return "-"
+    worst_one = min(findings, key=lambda f: (_severity_rank(f), bool(f.get("accepted"))))
+    accepted = " (accepted)" if worst_one.get("accepted") else ""
+    return (f"{_finding_counts(findings)}; {worst_one.get('severity', 'warning')}{accepted}: "
+            f"{one_sentence(worst_one['title'], 80)}")
+
+
 def _beyond_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The checks beyond the runbook, one row each, beside the runbook's items."""
     if not rows:
         return []
-    lines = ["", "## Beyond the runbook", "", "| check | outcome | findings | message |", "| --- | --- | --- | --- |"]
+    lines = ["", "## Beyond the runbook (checks the runbook does not list)", "",
+             "| check | outcome | tests | findings | verdict |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['id']} | **{row['outcome']}** | {_finding_counts(row['findings'])} | "
-                     f"{row['message'].replace('|', chr(92) + '|') or '-'} |")
-    for row in rows:
-        for f in row["findings"]:
-            accepted = f" (accepted by {f['accepted']['by']}: {f['accepted']['reason']})" if f.get("accepted") else ""
-            lines.append(f"- {row['id']} ({f.get('severity', 'warning')}{', accepted' if accepted else ''}): "
-                         f"**{f['title']}**: {f['detail']}{accepted}")
+        lines.append(f"| {_cell(row['title'])} (`{row['id']}`) | **{row['outcome']}** | {len(row['tests'])} | "
+                     f"{_cell(_findings_cell(row['findings']))} | {_cell(beyond_sentence(row))} |")
+    return lines
+
+
+def beyond_sentence(row: Mapping[str, Any]) -> str:
+    """A row beyond the runbook in one sentence: its first test with the row's outcome (by name: each test is a
+    check of its own), its unaccepted defect, or what passed."""
+    tests = [t for t in row["tests"] if t["outcome"] == row["outcome"]]
+    if row["outcome"] not in (PASS, SKIPPED) and tests:
+        more = f" (and {len(tests) - 1} more test(s) {row['outcome']})" if len(tests) > 1 else ""
+        return f"{_short(tests[0]['nodeid'])}: {_bare(row['outcome'], tests[0]['message'], None)}{more}"
+    if row["message"]:
+        return one_sentence(row["message"], SENTENCE_LIMIT)
+    accepted = sum(1 for f in row["findings"] if f.get("accepted"))
+    ended = {PASS: "passed"}.get(row["outcome"], row["outcome"])
+    done = f"{len(row['tests'])} test(s) {ended}" if row["tests"] else "no defect found"
+    return done + (f", {accepted} known defect(s) accepted" if accepted else "")
+
+
+def _beyond_findings_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    findings = [(row, f) for row in rows for f in row["findings"]]
+    if not findings:
+        return []
+    lines = ["", "## Findings beyond the runbook", ""]
+    for row, f in findings:
+        accepted = f" (accepted by {f['accepted']['by']}: {f['accepted']['reason']})" if f.get("accepted") else ""
+        lines.append(f"- {row['id']} ({f.get('severity', 'warning')}{', accepted' if accepted else ''}): "
+                     f"**{f['title']}**: {f['detail']}{accepted}")
     return lines
 
 
@@ -479,7 +588,7 @@ def write_allure_extras(allure_dir: Path, data: dict[str, Any]) -> None:
             "status": "failed", "stage": "finished", "start": now, "stop": now,
             "statusDetails": {"message": f"[drift] runbook line {drift.get('line') or '-'} says {drift['runbook']!r}; "
                                          f"the system: {drift['system']}"},
-            "labels": [{"name": "feature", "value": "Runbook drift"}, {"name": "story", "value": drift["item"]},
+            "labels": [*_labels(allure_group_labels(DRIFT_PARENT, DRIFT_PARENT, drift["item"])),
                        {"name": "runbook_item", "value": drift["item"]}],
         }
         (allure_dir / f"drift-{index:04d}-result.json").write_text(json.dumps(result))
@@ -493,10 +602,15 @@ def write_allure_extras(allure_dir: Path, data: dict[str, Any]) -> None:
             "status": "failed" if failed else "passed", "stage": "finished", "start": now, "stop": now,
             "statusDetails": {"message": finding["detail"] + (f" (accepted by {accepted['by']}: {accepted['reason']})"
                                                               if accepted else "")},
-            "labels": [{"name": "feature", "value": "Beyond the runbook"}, {"name": "story", "value": row["title"]},
-                       {"name": "severity", "value": "critical" if finding["severity"] == "defect" else "normal"}],
+            "labels": [*_labels(allure_group_labels(BEYOND_PARENT, BEYOND_PARENTS[row["id"]], "findings")),
+                       {"name": "severity", "value": "critical" if finding["severity"] == "defect" else "normal"},
+                       {"name": "tag", "value": f"{finding['severity']} finding"}],
         }
         (allure_dir / f"finding-{index:04d}-result.json").write_text(json.dumps(result))
+
+
+def _labels(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"name": name, "value": value} for name, value in pairs]
 
 
 def _version(argv: list[str]) -> str:

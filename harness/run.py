@@ -71,7 +71,7 @@ def bootstrap(target: Target, build_toxiproxy: bool = True, toxiproxy_bin: str |
         if os.environ.get("TOXIPROXY_URL") or not build_toxiproxy:
             pass
         else:
-            print("quantlab-chaos: toxiproxy is missing; building it (first run only)", flush=True)
+            # The installer says what it does (and how long a build takes); go's download lines stay in its stderr.
             _run_or_explain([str(PROJECT_ROOT / "tools" / "install-toxiproxy.sh")], "installing toxiproxy",
                             says_why="toxiproxy:")
     if target.root == TWIN_ROOT.resolve() and not (target.root / "node_modules").is_dir():

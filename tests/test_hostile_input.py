@@ -100,13 +100,19 @@ def _runbook_variant(tmp_path: Path, name: str) -> Path:
     ("not-utf8", "show", ("cannot be read", "UTF-8")),
     ("no-sections", "show", ("no runbook sections the harness knows",)),
     ("failure-without-fix", "check", ("line", "has no 'Fix:' bullet")),
-    ("folder", "show", ("cannot be read",)),
+    ("folder", "show", ("is a folder", "markdown file")),
+    ("folder", "check", ("is a folder", "markdown file")),
     ("missing", "check", ("does not exist",)),
 ])
 def test_a_malformed_runbook_is_refused_with_what_to_do(tmp_path: Path, variant: str, command: str,
                                                        expected: tuple[str, ...]) -> None:
     path = _runbook_variant(tmp_path, variant)
     assert_refused(chaos("runbook", command, "--runbook", str(path)), str(path), *expected)
+
+
+def test_a_checkout_given_as_the_runbook_is_pointed_at_quantlab_root() -> None:
+    done = chaos("runbook", "check", "--runbook", str(TWIN_ROOT))
+    assert_refused(done, "is a folder", f"--quantlab-root {TWIN_ROOT.resolve()}", "docs/runbook.md")
 
 
 def _without_section(heading: str) -> str:
@@ -305,3 +311,18 @@ def test_the_canary_without_node_is_refused(tmp_path: Path, shadow_path: Callabl
     done = canary("--config", str(path), "--check", "config_check",
                   env={"PATH": shadow_path(NODE_TOOLS), "HOSTILE_TOKEN": "t0ken-value"})
     assert_refused(done, "node is not on PATH", "install Node.js 20")
+
+
+# -- the front door -----------------------------------------------------------------------------------------------
+
+def test_the_canary_outside_its_environment_says_how_to_run_it(tmp_path: Path) -> None:
+    """`python -m canary` by a Python without the canary's packages (-S: no site-packages, like a system Python)."""
+    done = run([sys.executable, "-S", "-m", "canary", "--config", str(tmp_path / "canary.toml")])
+    assert_refused(done, "does not have the package", f"{PROJECT_ROOT}/bin/quantlab-canary",
+                   ".venv/bin/python -m canary")
+
+
+@pytest.mark.parametrize("command", ["quantlab-chaos", "quantlab-canary"])
+def test_the_bin_commands_run_from_any_folder(tmp_path: Path, command: str) -> None:
+    done = run([str(PROJECT_ROOT / "bin" / command), "--help"], cwd=tmp_path, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stdout + done.stderr

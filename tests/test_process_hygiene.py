@@ -1,6 +1,6 @@
 """No orphans: whatever ends a run (SIGINT, SIGTERM or SIGKILL of pytest or of one xdist worker, Ctrl-C of
-`quantlab-chaos run`, SIGKILL of `env up`), no process the harness started survives and no port it listened on
-stays bound.
+`quantlab-chaos run`, SIGKILL of `env up`, SIGINT to `run` or `env up` started in the background of a script), no
+process the harness started survives, no port it listened on stays bound, and no env folder is left.
 
 Each case runs tests/hygiene_scenario.py (observer and live runner from their units, a one-shot node command,
 toxiproxy, moto, fake exchange) in a pytest of its own session, waits until everything is up, records every
@@ -48,16 +48,16 @@ class Run:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def _start(tmp_path: Path, argv: list[str]) -> Run:
+def _start(tmp_path: Path, argv: list[str], extra_env: dict[str, str] | None = None) -> Run:
     folder = tmp_path / "run"
     folder.mkdir()
     token = uuid.uuid4().hex
     log = tmp_path / "output.log"
-    env = {**os.environ, "QUANTLAB_HYGIENE_DIR": str(folder), "QUANTLAB_HYGIENE_RUN": token}
+    env = {**os.environ, "QUANTLAB_HYGIENE_DIR": str(folder), "QUANTLAB_HYGIENE_RUN": token, **(extra_env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen([part.replace("{basetemp}", str(folder / "bt")) for part in argv], cwd=PROJECT,
                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Run(process, folder, token, log, marks=(token, str(folder)))
+    return Run(process, folder, token, log, marks=(token, str(folder), *(extra_env or {}).values()))
 
 
 def pytest_run(tmp_path: Path, workers: int) -> Run:
@@ -265,6 +265,96 @@ def test_a_killed_env_up_leaves_nothing(tmp_path: Path, runs: list[Run]) -> None
     os.kill(run.process.pid, signal.SIGKILL)
     assert_all_gone(run, members, ports, "after SIGKILL to quantlab-chaos env up")
     run.process.wait(timeout=10)
+
+
+# -- started the way a CI script starts a command: `cmd &` in a non-interactive shell --------------------------
+
+# A shell without job control starts a background command with SIGINT (and SIGQUIT) ignored; `wait $!` makes the
+# shell end with the command's own exit code.
+IN_THE_BACKGROUND = ["sh", "-c", '"$@" & wait $!', "sh"]
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """Whether the process ignores SIGINT now (its SigIgn mask in /proc); False once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_a_background_command_of_a_non_interactive_shell_starts_with_sigint_ignored() -> None:
+    """The premise of the two tests below: without the harness putting SIGINT back, a kill -INT would do nothing."""
+    done = subprocess.run([*IN_THE_BACKGROUND, "grep", "^SigIgn:", "/proc/self/status"], capture_output=True,
+                          text=True, timeout=10)
+    assert int(done.stdout.split()[1], 16) & (1 << (signal.SIGINT - 1)), done.stdout
+
+
+def _background_run(tmp_path: Path, argv: list[str]) -> tuple[Run, Path]:
+    """`argv` started as `sh -c 'argv & wait $!'`, with a temp folder of its own (where `env up` puts its folder)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    return _start(tmp_path, [*IN_THE_BACKGROUND, *argv], {"TMPDIR": str(temp)}), temp
+
+
+def _interrupt_the_command(run: Run, members: list[psutil.Process]) -> None:
+    """SIGINT to the command alone (the shell's child), as `kill -INT $pid` in the script would send it, once no
+    process of the run (pytest, its workers, the services) still ignores SIGINT but the reapers, which must outlive
+    a Ctrl-C to clean up after it."""
+    deaf = [proc for proc in members if "reaper.py" not in _command(proc) and _ignores_sigint(proc.pid)]
+    assert not deaf, f"these still ignore the SIGINT the shell started them with: {_describe(deaf)}"
+    command = [proc for proc in psutil.Process(run.process.pid).children() if CLI in _command(proc)]
+    assert len(command) == 1, _describe(members)
+    command[0].send_signal(signal.SIGINT)
+
+
+def test_sigint_stops_a_background_pytest_and_leaves_nothing(tmp_path: Path, runs: list[Run]) -> None:
+    """pytest started directly, not by quantlab-chaos: the plugin puts SIGINT back."""
+    argv = [sys.executable, "-m", "pytest", str(SCENARIO), "-p", "no:cacheprovider", "-q", "--basetemp", "{basetemp}"]
+    run, _ = _background_run(tmp_path, argv)
+    runs.append(run)
+    members = wait_up(run, ready=1)
+    ports = _listening(members)
+    assert_whole_run_up(members, ports, 0)
+    deaf = [proc for proc in members if "reaper.py" not in _command(proc) and _ignores_sigint(proc.pid)]
+    assert not deaf, f"these still ignore the SIGINT the shell started them with: {_describe(deaf)}"
+    [pytest_process] = psutil.Process(run.process.pid).children()
+    pytest_process.send_signal(signal.SIGINT)
+    assert_all_gone(run, members, ports, "after SIGINT to a background pytest")
+    run.process.wait(timeout=10)
+
+
+def test_sigint_stops_a_background_quantlab_chaos_run_and_leaves_nothing(tmp_path: Path, runs: list[Run]) -> None:
+    run, temp = _background_run(tmp_path, [CLI, "run", "--only", "failure:live-ws-disabled", "-n", "1", "--reports",
+                                           str(tmp_path / "reports"), "--pytest-arg=--basetemp={basetemp}"])
+    runs.append(run)
+    members = wait_up(run, ready=0, also="observer/index.js")
+    ports = _listening(members)
+    assert ports and any("toxiproxy-server" in _command(proc) for proc in members), _describe(members)
+    _interrupt_the_command(run, members)
+    assert run.process.wait(timeout=GONE_TIMEOUT_S) == 128 + signal.SIGINT, run.output()
+    assert_all_gone(run, members, ports, "after SIGINT to a background quantlab-chaos run")
+    output = run.output()
+    assert "interrupted by SIGINT" in output and "Traceback (most recent call last)" not in output, output
+    assert not list(temp.glob("quantlab-chaos-env-*")), sorted(str(p) for p in temp.rglob("*"))
+
+
+def test_sigint_stops_a_background_env_up_and_leaves_nothing(tmp_path: Path, runs: list[Run]) -> None:
+    run, temp = _background_run(tmp_path, [CLI, "env", "up", "--service", "observer"])
+    runs.append(run)
+    members = wait_up(run, ready=0, also="observer/index.js")
+    ports = _listening(members)
+    assert ports and any("toxiproxy-server" in _command(proc) for proc in members), _describe(members)
+    folders = list(temp.glob("quantlab-chaos-env-*"))
+    assert len(folders) == 1 and list(folders[0].glob("etc-quantlab/*.env")), sorted(temp.rglob("*"))
+    _interrupt_the_command(run, members)
+    assert run.process.wait(timeout=GONE_TIMEOUT_S) == 0, run.output()
+    assert_all_gone(run, members, ports, "after SIGINT to a background quantlab-chaos env up")
+    assert "Tearing down." in run.output() and "Traceback (most recent call last)" not in run.output(), run.output()
+    # (The shared port-lock folder stays: its files are empty and other environments lock through them.)
+    assert not list(temp.glob("quantlab-chaos-env-*")), \
+        f"left in the temp folder (its env files hold the token and S3 keys): {sorted(map(str, temp.rglob('*')))}"
 
 
 # -- the reaper on its own -------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ compares summary.json with tests/expectations/<snapshot>.json; deselect it with 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.annotated import RUNBOOK_HTML
 from tests.real_target import (
     EXPECTATIONS_DIR,
     PREPARE_TIMEOUT_S,
@@ -30,6 +32,7 @@ from tests.real_target import (
     prepare,
     summary_table,
 )
+from tests.test_annotated_report import assert_page_shows, screenshot
 
 ARCHIVES = archives()
 RUNBOOK_ITEMS = {
@@ -187,6 +190,11 @@ def test_real_target_run(archive: Path | None, tmp_path: Path) -> None:
     assert run.code is not None, f"the chaos run on {archive.name} did not end in {RUN_TIMEOUT_S:.0f} s:\n{run.tail()}"
     assert (reports / "summary.json").is_file(), f"the chaos run on {archive.name} wrote no summary.json:\n{run.tail()}"
     got = json.loads((reports / "summary.json").read_text())
+    outcomes = {row["id"]: row["outcome"] for row in got["items"]}
+    assert_page_shows(reports / RUNBOOK_HTML, outcomes, got["items"][0]["id"])
+    screenshot(reports / RUNBOOK_HTML, reports / "runbook.png")
+    for name in (RUNBOOK_HTML, "runbook.png"):
+        shutil.copy2(reports / name, kept / name)
     shown = expectations_file.relative_to(PROJECT)
     assert expected is not None, f"there is no {shown}; write it from what the run concluded:\n{summary_table(got)}"
     differences = compare(expected, got)

@@ -258,6 +258,7 @@ def test_quantlab_chaos_run_reports_a_target_that_writes_its_token_into_the_audi
     assert kinds == {"audit-spool", "s3"}
     assert any(leak["where"].startswith("s3://") and "/audit/date=" in leak["where"] for leak in block["target_leaks"])
     markdown = (reports / "summary.md").read_text()
-    assert "target leak (finding)" in markdown and "| beyond:target-secrets | **fail** | 2 defect |" in markdown
+    assert "target leak (finding)" in markdown and ("(`beyond:target-secrets`) | **fail** | 0 | 2 defect; "
+                                                    "defect: the target wrote the secret OBSERVER_TOKEN into its s3 |") in markdown
     assert "accepted by .quantlab-chaos.toml line 2" in markdown and "Beyond the runbook:" in done.stdout
     assert "0 harness leak(s)" in done.stdout

@@ -36,7 +36,7 @@ fi
 
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
-echo "toxiproxy: building $TAG with go install (first run only)"
+echo "toxiproxy: building $TAG with go install (first run only; about 1-2 minutes)"
 GOBIN="$build" GOFLAGS=-mod=mod go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TAG"
 GOBIN="$build" GOFLAGS=-mod=mod go install "github.com/Shopify/toxiproxy/v2/cmd/cli@$TAG"
 install -m 0755 "$build/server" "$BIN/toxiproxy-server"
