@@ -32,6 +32,7 @@ from canary.checks import ObserverClient, archive_keys, audit_entries, find_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.fakes.binance import FakeBinance, Record, parse_stream_name
+from harness.plugin import teardown_named
 from harness.ports import eventually, wait_until
 from harness.runbook import Runbook
 
@@ -63,6 +64,7 @@ ORDERING = re.compile(r"order(?!ing_mode)", re.IGNORECASE)
 
 
 @pytest.fixture()
+@teardown_named("stop the fake exchange")
 def fake_binance(request: pytest.FixtureRequest) -> Iterator[FakeBinance]:
     """This module's exchange: a slow feed with a ping every second (overrides the plugin's fixture)."""
     with FakeBinance(rate=RATE, seed=request.node.nodeid, ping_interval=PING_INTERVAL_S,
