@@ -1418,9 +1418,10 @@ class Supervisor:
 
 
 def _redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    """Every secret masked, longest first: a secret that contains another is masked whole, not left with its tail
+    showing after the shorter one was replaced inside it."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
     return text
 
 

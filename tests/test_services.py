@@ -630,3 +630,11 @@ def test_a_production_unit_boots_on_a_checkout_with_harness_env_files(sup: Super
     assert any("rewritten EnvironmentFile: /etc/quantlab/replayd.env" in note for note in status.notes)
     assert sup.stop("replayd").result == "success"
     assert SECRET not in sup.log_path("replayd").read_text()
+
+
+def test_a_journal_masks_a_secret_that_contains_another_whole() -> None:
+    from harness.services import _redact
+
+    # In the order given, the short one first would leave `***XYZW` of the long one in the journal.
+    for secrets in (["tok", "tokXYZW"], ["tokXYZW", "tok"]):
+        assert _redact("value=tokXYZW and tok", secrets) == "value=*** and ***"
