@@ -23,6 +23,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from harness.errors import ConfigError
+from harness.experiment import said
 from harness.outcomes import OUTCOMES
 from harness.runbook import load_runbook
 
@@ -194,8 +195,7 @@ def _scenario(test: Mapping[str, Any], journal: Mapping[str, Any] | None) -> str
 
 
 def _deviation(deviation: Mapping[str, Any]) -> str:
-    where = f'runbook line {deviation["line"]}' if deviation.get("line") else "the runbook"
-    return f'{where} says {deviation.get("says")}; the system: {deviation.get("seen")}'
+    return said(deviation.get("line"), str(deviation.get("says")), str(deviation.get("seen")))
 
 
 def _steps(steps: Sequence[Mapping[str, Any]]) -> str:

@@ -173,6 +173,12 @@ class Judgement:
         return f"{obs.seen}{waited}"
 
 
+def said(line: int | None, says: str, seen: str) -> str:
+    """How every report words a promise the system did not keep: the runbook line, what it says, what the system did."""
+    where = f"runbook line {line}" if line else "the runbook"
+    return f"{where} says {says}; the system: {seen}"
+
+
 @dataclass
 class Deviation:
     """A judged probe that did not hold, or an action the system refused: the runbook line, what it says, what the
@@ -185,8 +191,7 @@ class Deviation:
     evidence: Mapping[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        where = f"runbook line {self.source.line}" if self.source else "the runbook"
-        return f"{where} says {self.says}; the system: {self.seen}"
+        return said(self.source.line if self.source else None, self.says, self.seen)
 
 
 class ExperimentDeviated(AssertionError):
@@ -303,10 +308,6 @@ class Run:
     judgements: list[Judgement] = field(default_factory=list)
     deviations: list[Deviation] = field(default_factory=list)
     rollback_errors: list[str] = field(default_factory=list)
-    fault_at: float | None = None
-    fix_at: float | None = None
-    detected_at: float | None = None
-    recovered_at: float | None = None
 
 
 class Runner:
@@ -333,24 +334,20 @@ class Runner:
             self._check(experiment.checks, run)
             applied = self._act(FAULT, experiment.fault, run)
             if experiment.fault:
-                run.fault_at = applied
                 journal.mark("fault", applied)
                 if applied is not None:
                     self._judge(SYMPTOM, experiment.symptom, run, together=experiment.symptom_together)
                     journal.symptom_observed = all(j.held for j in run.judgements if j.phase == SYMPTOM)
-                    run.detected_at = _last_held(run, SYMPTOM)
-                    journal.mark("detected", run.detected_at)
+                    journal.mark("detected", _last_held(run, SYMPTOM))
             if experiment.fix:
-                run.fix_at = self._act(FIX, experiment.fix, run)
-                journal.mark("fix", run.fix_at)
+                journal.mark("fix", self._act(FIX, experiment.fix, run))
                 self._judge(RECOVERY, experiment.recovery, run)
                 journal.fix_verified = all(j.held for j in run.judgements if j.phase == RECOVERY)
-                run.recovered_at = _last_held(run, RECOVERY)
-                journal.mark("recovered", run.recovered_at)
+                journal.mark("recovered", _last_held(run, RECOVERY))
             if experiment.fault:
                 probes = [p for p in [*experiment.setup, *experiment.steady_state] if isinstance(p, Probe)]
                 self._judge(STEADY_AFTER, [p for p in probes if p.recheck], run)
-            if before is not None and experiment.snapshot is not None:
+            if experiment.snapshot is not None:
                 self._nothing_lost(before, experiment.snapshot(), run)
         finally:
             self._rollback(experiment, run)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import allure
 
-from harness.experiment import SEVERITIES, Experiment, ExperimentError, Run, Runner
+from harness.experiment import SEVERITIES, Experiment, ExperimentError, Run, Runner, said
 from harness.runbook import RunbookItem, Source
 
 T = TypeVar("T")
@@ -33,8 +33,7 @@ class RunbookViolation(AssertionError):
 
 
 def violation(source: Source | None, expected: str, actual: str) -> RunbookViolation:
-    where = f"runbook line {source.line}" if source else "the runbook"
-    exc = RunbookViolation(f"{where} says {expected}; the system: {actual}")
+    exc = RunbookViolation(said(source.line if source else None, expected, actual))
     exc.source, exc.says, exc.seen = source, expected, actual
     return exc
 
@@ -102,7 +101,7 @@ class Journal:
         finally:
             self.deviations = [{"phase": d.phase, "says": d.says, "seen": d.seen,
                                 "line": d.source.line if d.source else None}
-                               for d in getattr(self.runner, "last_deviations", [])]
+                               for d in self.runner.last_deviations]
 
     def enter(self, context: AbstractContextManager[T]) -> T:
         """Enters a context (a live run) that the experiment's rollbacks leave, whatever happens."""
@@ -151,7 +150,7 @@ class Journal:
         verdict = "ok" if ok else ("NOT as the runbook says" if kind != "rollback" else "FAILED")
         with allure.step(f"{kind.replace('_', ' ')}: {description} -> {verdict}"):
             if details:
-                allure.attach(json.dumps(dict(evidence), indent=2, default=str), name=f"{kind} evidence",
+                allure.attach(json.dumps(details, indent=2, default=str), name=f"{kind} evidence",
                               attachment_type=allure.attachment_type.JSON)
 
     # -- results -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from harness.annotated import write_annotated
+from harness.experiment import SEVERITIES, said
 from harness.outcomes import BLOCKED, DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.runbook import Runbook, RunbookItem
 from harness.target import PROFILE_FILE, Acceptance
@@ -55,7 +56,7 @@ BEYOND_PARENTS = {
 }
 DRIFT_PARENT = "Runbook drift"
 MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
-SEVERITY_ORDER = ("defect", "warning", "info")
+SEVERITY_ORDER = tuple(reversed(SEVERITIES))  # most severe first
 ALLURE_CATEGORIES = [
     {"name": "Runbook drift (the runbook's text no longer matches the system)", "messageRegex": r"(?s).*\[drift\].*",
      "matchedStatuses": ["failed", "broken"]},
@@ -437,7 +438,7 @@ def markdown(data: dict[str, Any]) -> str:
     deviations = [(row["id"], d) for row in data["items"] for d in row.get("deviations", [])]
     if deviations:
         lines += ["", "## Deviations (every runbook promise the system did not keep)", ""]
-        lines += [f"- {item} [{d['phase']}]: runbook line {d.get('line') or '-'} says {d['says']}; the system: {d['seen']}"
+        lines += [f"- {item} [{d['phase']}]: {said(d.get('line'), d['says'], d['seen'])}"
                   .replace("\n", " ") for item, d in deviations]
     lines += _beyond_findings_markdown(beyond)
     findings = [(row["id"], f) for row in data["items"] for f in row["findings"]]
@@ -468,9 +469,8 @@ def item_sentence(row: Mapping[str, Any]) -> str:
         return f"as runbook line {row['line']} says"
     if outcome == FAIL and deviations:
         first = deviations[0]
-        where = f"runbook line {first['line']}" if first.get("line") else "the runbook"
         more = f" (and {len(deviations) - 1} more deviation(s), listed below)" if len(deviations) > 1 else ""
-        return one_sentence(f"{where} says {first['says']}; the system: {first['seen']}", SENTENCE_LIMIT) + more
+        return one_sentence(said(first.get("line"), first["says"], first["seen"]), SENTENCE_LIMIT) + more
     tests = [t for t in row.get("tests", []) if t["outcome"] == outcome]
     text = _bare(outcome, tests[0]["message"] if tests else row["message"], row.get("blocked_by"))
     return text + (f" (and {len(tests) - 1} more scenario(s) {outcome})" if len(tests) > 1 else "")
