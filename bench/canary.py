@@ -183,7 +183,7 @@ def _twin_canary(env: Any, seconds: int) -> Timed:
 
 
 def _our_canary(env: Any, workdir: Path, seconds: int) -> Timed:
-    from harness.units import write_env_file
+    from quantlab_chaos.envfile import write_env_file
 
     plumbing = write_env_file(workdir / "plumbing.env", env.plumbing_env())
     live_env = env.wiring("observer").env_file

@@ -44,7 +44,7 @@ class Deadline:
 
 def command_env(config: CanaryConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """PATH and HOME, then the service env files in order, then the canary's own settings where those are silent."""
-    from harness.units import EnvFile  # systemd's env-file rules, shared with the harness
+    from quantlab_chaos.envfile import EnvFile  # systemd's env-file rules
 
     base = os.environ if base is None else base
     env = {"PATH": base.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": base.get("HOME", "/"), "LANG": "C.UTF-8"}

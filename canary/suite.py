@@ -44,7 +44,7 @@ def runbook_context(config: CanaryConfig) -> RunbookContext:
     """Fix texts and the canary command from the configured runbook; the contract's when none is configured."""
     if config.runbook is None:
         return RunbookContext()
-    from harness.errors import HarnessError
+    from quantlab_chaos.errors import HarnessError
     from harness.runbook import load_runbook
 
     try:

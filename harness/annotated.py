@@ -22,7 +22,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.experiment import said
 from harness.outcomes import OUTCOMES
 from harness.runbook import load_runbook

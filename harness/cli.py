@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from harness.errors import EXIT_USAGE, ConfigError, HarnessError
+from quantlab_chaos.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
     from harness.runbook import Runbook

@@ -16,7 +16,8 @@ from typing import Any
 
 from harness.runbook import Runbook, Source
 from harness.target import Target
-from harness.units import UnitError, parse_unit, parse_timespan
+from quantlab_chaos.errors import UnitError
+from harness.units import parse_unit, parse_timespan
 
 SCENARIOS_DIR = Path(__file__).with_name("scenarios")
 SOURCE_SUFFIXES = {".js", ".mjs", ".cjs", ".ts", ".mts", ".py", ".service", ".timer", ".json", ".sh"}

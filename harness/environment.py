@@ -23,7 +23,7 @@ import httpx
 from canary.checks import TargetUnreachable
 from canary.process import CommandNotFound, CommandResult, run_process
 from harness import reaper
-from harness.errors import ConfigError, HarnessError, MissingToolError
+from quantlab_chaos.errors import ConfigError, HarnessError, MissingToolError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.node import BINANCE_FUTURES_WS, node_options_with_preload, url_map_env
 from harness.fakes.s3 import Bucket, S3Server, open_s3
@@ -37,7 +37,9 @@ from harness.readiness import not_installed as not_installed_line
 from harness.runbook import Runbook
 from harness.services import ServiceFailed, ServiceStatus, Supervisor
 from harness.target import ServiceRole, Target
-from harness.units import EnvFile, ServiceSpec, is_secret_name, load_service, write_env_file
+from quantlab_chaos.envfile import EnvFile, write_env_file
+from harness.units import ServiceSpec, load_service
+from quantlab_chaos.redact import is_secret_name
 
 reaper.install()  # QuantLab's one-shot commands (canary.process) are reaped with the harness too
 

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.outcomes import DriftFound, SteadyStateNotReached, one_sentence
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from harness.errors import HarnessError, MissingToolError
+from quantlab_chaos.errors import HarnessError, MissingToolError
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS = 0x8913

@@ -20,11 +20,11 @@ from canary.checks import (
 from canary.process import CommandResult
 from harness import reaper
 from harness.environment import QuantLabEnvironment
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.experiment import Action, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, RunbookViolation, Snapshot, snapshot, violation
 from harness.outcomes import SteadyStateNotReached
-from harness.ports import wait_until
+from quantlab_chaos.waiting import wait_until
 from harness.runbook import HttpRequest, Runbook
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -21,7 +21,7 @@ from allure_commons.model2 import StatusDetails, TestResult
 from harness import reaper
 from harness.cli import restore_default_sigint
 from harness.environment import QuantLabEnvironment, Settings
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
@@ -29,7 +29,7 @@ from harness.fakes.toxiproxy import TOXIPROXY_BACKENDS, ToxiproxyServer
 from harness.isolation import host_network_reason, isolate_process_network, run_isolation
 from harness.journal import Journal
 from harness.outcomes import BLOCKED, DRIFT, ERROR, SKIPPED, Verdict, classify, one_sentence
-from harness.redact import redact
+from quantlab_chaos.redact import redact
 from harness.reporting import (BEYOND_MARKERS, BEYOND_PARENT, BEYOND_PARENTS, RUNBOOK_PARENT, SECURITY_PROPERTY,
                                allure_group_labels, findings_markdown, runbook_groups, skip_reason)
 from harness.runbook import Runbook, load_runbook

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness import reaper
 from harness.drift import check_drift, scenario_items
-from harness.errors import EXIT_FAILED, ConfigError, HarnessError, MissingToolError
+from quantlab_chaos.errors import EXIT_FAILED, ConfigError, HarnessError, MissingToolError
 from harness.outcomes import EXIT_CODES, ERROR, OUTCOMES, exit_code, one_sentence
 from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation

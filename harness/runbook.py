@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 
 # Section kinds, tested in this order against the heading text (first match wins).
 SECTION_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (

@@ -23,7 +23,7 @@ import psutil
 
 from canary.checks import UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, TOO_MANY_REQUESTS_STATUS, too_many_requests_body
 from harness.journal import Finding
-from harness.redact import redact
+from quantlab_chaos.redact import redact
 from harness.secrets_scan import SecretSet
 
 HEALTH_PATHS = ("/health",)

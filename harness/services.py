@@ -37,8 +37,11 @@ import httpx
 import psutil
 
 from harness import reaper
-from harness.errors import HarnessError
-from harness.units import REDACTED, EnvFile, ExecCommand, OutputSpec, ServiceSpec, UnitError, is_secret_name
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.redact import REDACTED, is_secret_name
+from quantlab_chaos.envfile import EnvFile
+from harness.units import ExecCommand, OutputSpec, ServiceSpec
+from quantlab_chaos.errors import UnitError
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
+from quantlab_chaos.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from harness.reporting import SUMMARY_JSON
 from harness.target import PROJECT_ROOT
 

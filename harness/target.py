@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TWIN_ROOT = PROJECT_ROOT / "reference" / "quantlab"

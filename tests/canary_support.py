@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from harness.units import EnvFile, write_env_file
+from quantlab_chaos.envfile import EnvFile, write_env_file
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from harness.environment import QuantLabEnvironment
-from harness.ports import wait_until
+from quantlab_chaos.waiting import wait_until
 
 HOLD_S = 90.0
 MARK = "hygiene one-shot"

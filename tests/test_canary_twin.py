@@ -15,7 +15,7 @@ from tests.canary_support import (
 )
 from canary.checks import audit_entries
 from harness.environment import QuantLabEnvironment
-from harness.ports import eventually
+from quantlab_chaos.waiting import eventually
 from harness.runbook import Runbook
 
 LIVE_CHECKS = {"canary_pass", "archive", "canary_run", "audit"}

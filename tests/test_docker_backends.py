@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.errors import MissingToolError
+from quantlab_chaos.errors import MissingToolError
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import MinioS3
 from harness.fakes.toxiproxy import CONTAINER_HOST_ALIAS, ToxiproxyServer, host_network_usable

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from harness.environment import QuantLabEnvironment
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.s3 import S3Server
 from harness.fakes.toxiproxy import ToxiproxyServer

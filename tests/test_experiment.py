@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.experiment import (
     Action, Clock, Experiment, ExperimentDeviated, ExperimentError, Observation, Probe, command_observation, equals,
     holds,

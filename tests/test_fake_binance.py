@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import FakeBinance, parse_stream_name, streams_for
 
 pytestmark = pytest.mark.timeout(60)

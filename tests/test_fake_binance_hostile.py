@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import HUGE_FRAME_BYTES, MALFORMED_KINDS, DelayStats, FakeBinance, Record, streams_for
 
 pytestmark = pytest.mark.timeout(60)

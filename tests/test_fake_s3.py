@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.errors import ConfigError, UnreachableError
+from quantlab_chaos.errors import ConfigError, UnreachableError
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import ExternalS3, MinioS3, MotoS3, open_s3, temporary_bucket
 

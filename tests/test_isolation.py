@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import select
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.isolation import (
     NetworkIsolation,
     PortLocks,
@@ -24,7 +25,7 @@ from harness.isolation import (
     probe_namespace_support,
     run_isolation,
 )
-from harness.ports import free_port, port_open
+from harness.ports import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 30.0
@@ -59,6 +60,15 @@ BIND_AND_HOLD = PRELUDE + textwrap.dedent("""
     say(bound=sock is not None, error=error, mode=mode, namespace=namespace_name())
     sys.stdin.readline()  # hold the port until the test has seen both children bound
 """)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a TCP connection to host:port is accepted within `timeout` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def child_env(**extra: str) -> dict[str, str]:

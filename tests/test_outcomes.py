@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from canary.checks import TargetUnreachable
-from harness.errors import MissingToolError
+from quantlab_chaos.errors import MissingToolError
 from harness.journal import RunbookViolation
 from harness.outcomes import (
     BLOCKED, DRIFT, ERROR, FAIL, PASS, SKIPPED, DriftFound, SteadyStateNotReached, classify, exit_code, one_sentence,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.runbook import extract_identifiers, load_runbook, parse_runbook
 from harness.target import TWIN_ROOT
 

@@ -28,7 +28,8 @@ from harness.services import (
     probe_cgroup_v2,
     should_restart,
 )
-from harness.units import ServiceSpec, load_service, parse_unit, write_env_file
+from harness.units import ServiceSpec, load_service, parse_unit
+from quantlab_chaos.envfile import write_env_file
 
 PROJECT = Path(__file__).resolve().parents[1]
 PY = f"{sys.executable} -u -S"  # -S: the scripts need only the standard library, and start faster

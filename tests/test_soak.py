@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.ports import wait_until
+from quantlab_chaos.waiting import wait_until
 from harness.soak import (
     NO_REPORT,
     CpuPressure,

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.errors import MissingToolError
+from quantlab_chaos.errors import MissingToolError
 from harness.fakes.s3 import MotoS3
 from harness.fakes.toxiproxy import ChaosProxy, ToxiproxyServer, find_server_binary
 
@@ -128,7 +128,7 @@ def test_missing_binary_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_bad_toxiproxy_url_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness.errors import UnreachableError
+    from quantlab_chaos.errors import UnreachableError
     from harness.ports import free_port
 
     monkeypatch.setenv("TOXIPROXY_URL", f"http://127.0.0.1:{free_port()}")

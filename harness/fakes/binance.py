@@ -50,7 +50,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from harness.errors import ConfigError, UnreachableError
+from quantlab_chaos.errors import ConfigError, UnreachableError
 
 __all__ = [
     "AGG_TRADE",

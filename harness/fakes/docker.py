@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from harness.errors import MissingToolError
+from quantlab_chaos.errors import MissingToolError
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,9 +20,9 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from harness.errors import ConfigError, UnreachableError
+from quantlab_chaos.errors import ConfigError, UnreachableError
 from harness.fakes.docker import docker_status
-from harness.ports import wait_until
+from quantlab_chaos.waiting import wait_until
 
 BACKENDS = ("moto", "minio", "url")
 MINIO_IMAGE = "minio/minio:RELEASE.2025-04-22T22-12-26Z"

@@ -35,9 +35,10 @@ from toxiproxy import Toxiproxy
 from toxiproxy.proxy import Proxy
 
 from harness import reaper
-from harness.errors import MissingToolError, UnreachableError
+from quantlab_chaos.errors import MissingToolError, UnreachableError
 from harness.fakes.docker import docker_status
-from harness.ports import free_port, wait_until
+from harness.ports import free_port
+from quantlab_chaos.waiting import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_BIN = PROJECT_ROOT / ".tools" / "bin"

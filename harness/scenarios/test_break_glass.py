@@ -16,14 +16,14 @@ import pytest
 from canary.checks import UNAUTHORIZED_STATUS, CheckResult, check_observer_auth, check_unauthorized
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from harness.errors import ConfigError
+from quantlab_chaos.errors import ConfigError
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal
 from harness.outcomes import DriftFound
 from harness.runbook import BreakGlassStep, Runbook, Source
 from harness.live_probes import Ingest, connection_ids, live_run_setup
 from harness.scenarios.test_kill_switch import stop_and_verify
-from harness.units import EnvFile
+from quantlab_chaos.envfile import EnvFile
 
 # How soon a restarted observer must show the rotated token (the restart itself waits until it is ready).
 ROTATE_DEADLINE_S = 5.0

@@ -19,9 +19,9 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, violation
-from harness.ports import wait_until
+from quantlab_chaos.waiting import wait_until
 from harness.runbook import Failure, Runbook
-from harness.units import EnvFile
+from quantlab_chaos.envfile import EnvFile
 
 ITEM = "failure:archive-missing"
 ARCHIVE_ROOT = archive_keys("")[0].split("replay_run_id=")[0]

@@ -31,7 +31,7 @@ from harness.experiment import (
     Action, Experiment, Observation, Probe, Slot, Tolerance, command_observation, holds,
 )
 from harness.journal import Journal, violation
-from harness.ports import eventually
+from quantlab_chaos.waiting import eventually
 from harness.runbook import Failure, Runbook
 
 ITEM = "failure:budget-guard-stops"

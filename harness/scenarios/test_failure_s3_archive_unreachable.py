@@ -23,7 +23,7 @@ from harness.experiment import Action, Experiment, Observation, Probe, command_o
 from harness.journal import Journal, violation
 from harness.ports import free_port
 from harness.runbook import Failure, Runbook
-from harness.units import EnvFile
+from quantlab_chaos.envfile import EnvFile
 
 ITEM = "failure:s3-archive-unreachable"
 # A deadline of ours: QuantLab sets no S3 timeout, so a fault may hang a command; the harness stops it here and

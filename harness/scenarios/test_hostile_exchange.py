@@ -33,7 +33,7 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.fakes.binance import FakeBinance, Record, parse_stream_name
 from harness.plugin import teardown_named
-from harness.ports import eventually, wait_until
+from quantlab_chaos.waiting import eventually, wait_until
 from harness.runbook import Runbook
 
 pytestmark = [pytest.mark.hostile, pytest.mark.timeout(120)]

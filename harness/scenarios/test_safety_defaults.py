@@ -32,7 +32,7 @@ from harness.experiment import (
     Action, Experiment, Observation, Probe, Tolerance, command_observation, equals, holds,
 )
 from harness.journal import Journal
-from harness.ports import eventually
+from quantlab_chaos.waiting import eventually
 from harness.runbook import Runbook, Setting, Source
 from harness.services import cgroup_settings
 from harness.target import Target

@@ -22,7 +22,7 @@ import pytest
 from canary.checks import RATE_LIMIT_PER_MIN, STOP_RATE_LIMIT_PER_MIN, TOO_MANY_REQUESTS_STATUS, find_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.reporting import SECURITY_PROPERTY
 from harness.runbook import Runbook
 from harness.secrets_scan import SecretSet

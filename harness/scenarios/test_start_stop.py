@@ -22,14 +22,15 @@ import psutil
 import pytest
 
 from harness.environment import QuantLabEnvironment, ServiceWiring
-from harness.errors import HarnessError
+from quantlab_chaos.errors import HarnessError
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal, violation
-from harness.ports import eventually
+from quantlab_chaos.waiting import eventually
 from harness.runbook import Runbook, Source, SystemctlCommand, load_runbook
 from harness.services import ServiceStatus
 from harness.target import Target
-from harness.units import UnitError, parse_unit
+from quantlab_chaos.errors import UnitError
+from harness.units import parse_unit
 
 ITEM = "start-stop"
 VERBS = ("start", "stop", "restart", "status")

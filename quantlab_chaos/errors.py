@@ -25,6 +25,10 @@ class ConfigError(HarnessError):
     """Bad configuration or input files (runbook, unit files, TOML)."""
 
 
+class UnitError(ConfigError):
+    """A unit or env file that systemd would refuse, or that the harness cannot boot."""
+
+
 class UnreachableError(HarnessError):
     """A target or dependency does not answer."""
 
