@@ -17,7 +17,7 @@ NODE_TEST_REPORTERS := --test-reporter=$(if $(VERBOSE),tap,$(CURDIR)/tools/node-
 # go's `go: downloading MODULE` lines (one a module on a fresh machine) say nothing a user acts on.
 WITHOUT_GO_DOWNLOADS := $(if $(VERBOSE),,2> >(sed -u '/^go: downloading /d' >&2))
 
-.PHONY: help bootstrap venv runtime browser prepare-target test test-twin test-harness chaos bench soak clean
+.PHONY: help bootstrap venv runtime browser prepare-target lint test test-twin test-harness chaos bench soak clean
 
 help: ## this list
 	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "make %-15s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -49,7 +49,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "bootstrap: making the Python environment .venv (once; about a minute)"
 	$(Q)$(PYTHON) -m venv $(VENV)
 	$(Q)$(PIP_INSTALL) --upgrade pip
-	$(Q)$(PIP_INSTALL) -e .
+	$(Q)$(PIP_INSTALL) -e '.[chaos,dev]'
 	@touch $@
 
 $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
@@ -67,7 +67,11 @@ $(TWIN)/node_modules/.installed: $(TWIN)/package-lock.json
 prepare-target: ## unpack the real QuantLab snapshot (../shared/targets/) into ~/.cache/quantlab-chaos and npm ci it
 	$(PYTHON) tools/prepare_target.py
 
-test: bootstrap browser test-twin test-harness ## every test suite: the twin's node tests, then pytest (about 8 min)
+lint: venv ## ruff and mypy --strict on the code, tests and benchmarks, as configured in pyproject.toml
+	$(Q)$(VENV)/bin/ruff check $(if $(VERBOSE),,--quiet)
+	$(Q)$(VENV)/bin/mypy $(if $(VERBOSE),,--no-error-summary)
+
+test: bootstrap browser lint test-twin test-harness ## ruff and mypy, the twin's node tests, then pytest (about 8 min)
 
 chaos: bootstrap ## the chaos suite against the twin; reports in reports/ (CHAOS_FLAGS: more `run` options)
 	$(VENV)/bin/quantlab-chaos run --html $(CHAOS_FLAGS)
@@ -75,7 +79,12 @@ chaos: bootstrap ## the chaos suite against the twin; reports in reports/ (CHAOS
 test-twin: bootstrap ## the twin's own node --test suite
 	cd $(TWIN) && QUANTLAB_TEST_PYTHON=$(CURDIR)/$(PY) node --test $(NODE_TEST_REPORTERS) $(NODE_TEST_FLAGS) test/
 
-test-harness: bootstrap prepare-target ## the harness's own tests and the scenarios under pytest (PYTEST_FLAGS: -n auto)
+# The canary's wheels, for the test that installs it alone into a fresh virtualenv (pytest runs without a network).
+.tools/wheelhouse/.ready: pyproject.toml tools/canary_wheelhouse.py
+	$(Q)$(PY) tools/canary_wheelhouse.py .tools/wheelhouse
+	@touch $@
+
+test-harness: bootstrap prepare-target .tools/wheelhouse/.ready ## the harness's own tests and the scenarios under pytest (PYTEST_FLAGS: -n auto)
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
 clean: ## remove what bootstrap installed, and the reports

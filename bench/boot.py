@@ -86,7 +86,7 @@ def _child(kind: str) -> dict[str, Any]:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"booting {kind} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-    result = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     result["process_to_ready_s"] = result["cold"]["ready_wall"] - spawned
     return result
 
@@ -100,7 +100,7 @@ def _makers(kind: str) -> list[Callable[[], AbstractContextManager[Any]]]:
     from harness.fakes.s3 import open_s3
     from harness.fakes.toxiproxy import ToxiproxyServer
 
-    return {
+    makers: dict[str, list[Callable[[], AbstractContextManager[Any]]]] = {
         "moto": [lambda: open_s3("moto")],
         "toxiproxy": [lambda: ToxiproxyServer()],
         "exchange": [lambda: FakeBinance()],
@@ -108,7 +108,12 @@ def _makers(kind: str) -> list[Callable[[], AbstractContextManager[Any]]]:
         # As the plugin's session fixtures and a test's fake_binance fixture do it: one after the other.
         "all": [lambda: shared_parts("moto"), lambda: FakeBinance()],
         "all_parallel": [lambda: open_s3("moto"), lambda: ToxiproxyServer(), lambda: FakeBinance()],
-    }[kind]
+    }
+    return makers[kind]
+
+
+def _enter(make: Callable[[], AbstractContextManager[Any]]) -> Any:
+    return make().__enter__()
 
 
 def _boot_once(kind: str) -> dict[str, float]:
@@ -117,8 +122,8 @@ def _boot_once(kind: str) -> dict[str, float]:
         started = time.perf_counter()
         if kind == "all_parallel":
             with ThreadPoolExecutor(len(makers)) as pool:
-                futures = [pool.submit(lambda make=make: make().__enter__()) for make in makers]
-            failures = [f.exception() for f in futures if f.exception() is not None]
+                futures = [pool.submit(_enter, make) for make in makers]
+            failures = [exc for f in futures if (exc := f.exception()) is not None]
             for future in futures:  # every part that did start is stopped, even when another failed
                 if future.exception() is None:
                     stack.push(future.result().__exit__)
@@ -137,8 +142,8 @@ def _boot_once(kind: str) -> dict[str, float]:
 
 def _child_main(kind: str) -> int:
     started = time.perf_counter()
-    import harness.environment  # noqa: F401 - what the pytest plugin imports before any fixture runs
-    import harness.fakes.binance  # noqa: F401
+    import harness.environment
+    import harness.fakes.binance  # noqa: F401 - imported only to time it, as the pytest plugin imports it first
 
     imported = time.perf_counter() - started
     cold = _boot_once(kind)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.common import MB, Goal, PartResult, TreeMemory, fmt, ratio, say
+from quantlab_chaos.redact import redact
 
 LAG_GOAL_S = 0.5
 PEAK_GOAL_MB = 150.0
@@ -64,7 +65,7 @@ def run(seconds: int = RUN_SECONDS) -> PartResult:
     assert twin_verdict is not None  # _canary_line found it
     our_verdict = ours.first_line(lambda text: text.strip())
     our_print = our_verdict[0] if our_verdict else ours.ended
-    raw = {
+    raw: dict[str, Any] = {
         "run_seconds": seconds,
         "quantlab_tool": {"status": twin_line.get("status"), "start_to_verdict_s": twin_verdict[0] - twin.started,
                           "verdict_after_run_end_s": twin_verdict[0] - twin_end, "exit_after_run_end_s": twin.ended - twin_end,
@@ -210,26 +211,22 @@ def _our_canary(env: Any, workdir: Path, seconds: int) -> Timed:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _redacted(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def _canary_line(record: Timed) -> dict[str, Any]:
     found = record.first_line(lambda text: '"canary_live"' in text)
     if found is None:
         raise RuntimeError(f"QuantLab's canary tool printed no canary_live line (exit {record.code}); "
                            f"stderr ends: {record.text('stderr')[-600:]}")
-    return json.loads(found[1])
+    line: dict[str, Any] = json.loads(found[1])
+    return line
 
 
 def _report(record: Timed, secrets: Sequence[str]) -> dict[str, Any]:
     try:
-        return json.loads(record.text("stdout"))
+        report: dict[str, Any] = json.loads(record.text("stdout"))
     except json.JSONDecodeError:
         raise RuntimeError(f"python -m canary printed no JSON report (exit {record.code}); stderr ends: "
-                           f"{_redacted(record.text('stderr'), secrets)[-600:]}") from None
+                           f"{redact(record.text('stderr'), secrets)[-600:]}") from None
+    return report
 
 
 def _our_run_id(report: dict[str, Any]) -> str | None:
@@ -245,6 +242,6 @@ def _run_end(env: Any, line: dict[str, Any] | None, record: Timed, secrets: Sequ
     run_id = (line or {}).get("live_run_id")
     if not run_id:
         raise RuntimeError(f"{record.argv[0]} named no live run (exit {record.code}); stderr ends: "
-                           f"{_redacted(record.text('stderr'), secrets)[-600:]}")
+                           f"{redact(record.text('stderr'), secrets)[-600:]}")
     manifest = env.bucket.read_json(f"replay_runs/replay_run_id={run_id}/manifest.json")
     return datetime.fromisoformat(str(manifest["finished_at"]).replace("Z", "+00:00")).timestamp()

@@ -188,7 +188,7 @@ def thread_cpu_s(native_id: int | None) -> float | None:
         return None
     for thread in psutil.Process().threads():
         if thread.id == native_id:
-            return thread.user_time + thread.system_time
+            return float(thread.user_time + thread.system_time)
     return None
 
 

@@ -33,7 +33,7 @@ MANY = 10
 SYMBOLS = ("BTCUSDT", "ETHUSDT")  # QuantLab's canary symbols
 # "As fast as it goes": far above what a sender can do, so every wake-up sends a full batch.
 FLOOD_RATE = 10_000_000.0
-BINANCE_PERIOD_S = {"bookTicker": None, "aggTrade": 0.1, "markPrice": 3.0, "markPrice@1s": 1.0}
+BINANCE_PERIOD_S: dict[str, float | None] = {"bookTicker": None, "aggTrade": 0.1, "markPrice": 3.0, "markPrice@1s": 1.0}
 BINANCE_DOCS = "https://developers.binance.com/docs/derivatives/usds-margined-futures/websocket-market-streams"
 CLIENT_TIMEOUT_S = 60.0
 
@@ -63,7 +63,9 @@ class Window:
 def documented_fps(symbols: int = len(SYMBOLS)) -> float:
     """Frames per second Binance documents for QuantLab's streams with a fixed period (aggTrade, markPrice@1s);
     bookTicker is real time and has no documented ceiling."""
-    return symbols * (1 / BINANCE_PERIOD_S["aggTrade"] + 1 / BINANCE_PERIOD_S["markPrice@1s"])
+    agg_trade, mark_price = BINANCE_PERIOD_S["aggTrade"], BINANCE_PERIOD_S["markPrice@1s"]
+    assert agg_trade is not None and mark_price is not None  # both have a documented fixed period
+    return symbols * (1 / agg_trade + 1 / mark_price)
 
 
 def run_phase(rate: float, connections: int, seconds: float, warmup: float) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def run(trials: int = 5) -> PartResult:
     }
     part.goals = [Goal("faults.toxiproxy_to_client_ms", f"toxiproxy call to client-seen fault (slowest kind: {slowest})",
                        raw[slowest]["seen_ms_median"], FAULT_GOAL_MS, "ms", "max",
-                       note=f"median of {trials} trials per kind; max over all {max(raw[k]['seen_ms_max'] for k in TOXIPROXY_KINDS):.1f} ms")]
+                       note=f"median of {trials} trials per kind; "
+                            f"max over all {max(raw[k]['seen_ms_max'] for k in TOXIPROXY_KINDS):.1f} ms")]
     part.notes.append(f"disable: the client sees the cut {fmt(raw['disable_cut']['seen_ms_median'])} ms and the refusal "
                       f"{fmt(raw['disable_refused']['seen_ms_median'])} ms after the call starts, against "
                       f"{fmt(raw['disable_cut']['call_ms_median'])} ms for the API call itself: toxiproxy drops the "

@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "suite": lambda: suite.run(args.out.resolve().parent / "bench-suite", args.workers),
         "canary": lambda: canary.run(args.canary_seconds),
     }
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     clock = time.perf_counter()
     results: dict[str, PartResult] = {}
     for name in PARTS:
@@ -137,10 +137,10 @@ def markdown_table(data: dict[str, Any]) -> str:
         ratio = "-" if goal["ratio"] is None else f"{goal['ratio']:.2f}x"
         verdict = {"pass": "pass", "miss": "**miss**", "n/a": "n/a"}[goal["verdict"]]
         lines.append(f"| {goal['part']} | {goal['what']} | {goal['goal']} | {measured} | {ratio} | {verdict} |")
-    measured = [(name, part) for name, part in data["parts"].items() if part["status"] == "ok" and part["ratios"]]
-    if measured:
+    with_ratios = [(name, part) for name, part in data["parts"].items() if part["status"] == "ok" and part["ratios"]]
+    if with_ratios:
         lines += ["", "Ratios measured in the same run (see bench.json for the raw numbers):", ""]
-        for name, part in measured:
+        for name, part in with_ratios:
             shown = ", ".join(f"{key} {value:.2f}" for key, value in part["ratios"].items() if value is not None)
             lines.append(f"- {name}: {shown}")
     others = [(name, part) for name, part in data["parts"].items() if part["status"] != "ok"]

@@ -20,7 +20,7 @@ def how_to_run(lacking: str) -> str:
 
 
 def _main() -> int:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - run by any python3: the point is to say this one is too old
         print(how_to_run(f"is {sys.version.split()[0]}, and the canary needs Python 3.11 or newer"), file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -26,24 +26,13 @@ from canary.checks import CheckResult
 from canary.config import CanaryConfig, ConfigProblem, load_config
 from canary.runner import Deadline
 from canary.suite import CHECK_NAMES, DeadlineExceeded, Suite, plan, runbook_context
+from quantlab_chaos.redact import Redactor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 METRIC_PREFIX = "quantlab_canary"
 # The alarm fires a little after the deadline: everything inside is bounded by the deadline already, the
 # alarm only catches what is not (a DNS lookup, a library's own retries).
 ALARM_SLACK_S = 1.0
-
-
-class Redactor:
-    """Masks every secret value in text the canary emits."""
-
-    def __init__(self, secrets: Sequence[str]) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
 
 def positive_seconds(value: str) -> float:
@@ -160,7 +149,7 @@ def report_dict(config: CanaryConfig, results: Sequence[CheckResult], code: int,
         "exit_code": code,
         "observer_url": public_url(config.observer_url),
         "fixes_from": runbook_source,
-        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "duration_s": round(duration, 3),
         "passed": sum(1 for r in results if r.ok),
         "failed": sum(1 for r in results if not r.ok),

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from quantlab_chaos.redact import too_short
+
 CONTRACT_CANARY_ARGV = ("node", "tools/run-canary-live.js", "--exchange", "binance", "--symbols", "BTCUSDT,ETHUSDT",
                         "--strategy", "/path/to/strategy.js", "--dataset-parquet", "live", "--dataset-meta", "live")
 CONTRACT_SPOOL_DIR = "/tmp/quantlab-audit"
@@ -129,8 +131,8 @@ class CanaryConfig:
 
 
 def default_strategy() -> Path:
-    """The harness's calm canary strategy, which decides on each symbol's first event (see steady.js)."""
-    return Path(str(resources.files("harness").joinpath("strategies", "steady.js")))
+    """The calm canary strategy, which decides on each symbol's first event (see steady.js)."""
+    return Path(str(resources.files("canary").joinpath("strategies", "steady.js")))
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> CanaryConfig:
@@ -248,7 +250,7 @@ class _Validator:
         except ValueError:
             self.problems.append(f"[{section}] {key} has a port that is not a number from 1 to 65535.")
             return ""
-        return value
+        return str(value)
 
     def _folder(self, table: dict[str, Any], section: str, key: str) -> Path | None:
         value = table.get(key)
@@ -285,10 +287,19 @@ class _Validator:
             upper = f" and at most {maximum:g}" if maximum != math.inf else ""
             self.problems.append(f"[{section}] {key} must be {kind} of at least {minimum:g}{upper}.")
             return default
-        return value
+        return float(value)
 
     def _secret(self, section: str, name: str, default_env: str | None, *, required_value: bool) -> tuple[str, str]:
-        """A secret from `<name>_env` or `<name>_file` (default: the env variable `default_env`)."""
+        """A secret from `<name>_env` or `<name>_file` (default: the env variable `default_env`), long enough to be
+        masked in everything the canary prints (quantlab_chaos.redact)."""
+        value, source = self._secret_value(section, name, default_env, required_value=required_value)
+        problem = too_short(f"[{section}] {name} (from {source})", value)
+        if problem:
+            self.problems.append(problem + ".")
+        return value, source
+
+    def _secret_value(self, section: str, name: str, default_env: str | None, *,
+                      required_value: bool) -> tuple[str, str]:
         table = self._table(section)
         env_name, file_name = table.get(f"{name}_env"), table.get(f"{name}_file")
         if env_name is not None and file_name is not None:

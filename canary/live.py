@@ -15,11 +15,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from canary.checks import (
-    CanaryOutcome, CheckResult, Fixes, ObserverClient, TargetUnreachable, archive_keys, canary_argv, check_archive,
-    check_audit, check_canary_line, check_canary_run, find_run, run_canary,
+    CanaryOutcome,
+    CheckResult,
+    Fixes,
+    ObserverClient,
+    TargetUnreachable,
+    archive_keys,
+    canary_argv,
+    check_archive,
+    check_audit,
+    check_canary_line,
+    check_canary_run,
+    run_canary,
 )
 from canary.config import CanaryConfig
 from canary.runner import Deadline, LocalRunner, S3ArchiveProbe
+from canary.stops import find_run
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 STOP_REQUEST_TIMEOUT_S = 3.0

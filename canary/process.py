@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -10,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from quantlab_chaos import procgroup
 
 
 class ChildOwner(Protocol):
@@ -78,11 +79,11 @@ def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeo
         stdout, stderr = process.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        _kill_group(process)
+        procgroup.signal_group(process.pid, signal.SIGKILL)  # communicate() below reaps it and drains the pipes
         stdout, stderr = process.communicate()
         timed_out = True
     except BaseException:
-        _kill_group(process)
+        procgroup.signal_group(process.pid, signal.SIGKILL)  # communicate() below reaps it and drains the pipes
         process.communicate()
         raise
     finally:
@@ -91,9 +92,3 @@ def run_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeo
     return CommandResult(tuple(argv), None if timed_out else process.returncode, stdout, stderr,
                          time.monotonic() - started, timed_out)
 
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

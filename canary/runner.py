@@ -8,7 +8,6 @@ explicit timeouts: QuantLab sets none of its own, and a canary must never hang o
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -19,6 +18,8 @@ from typing import IO, Any
 from canary import process as process_module
 from canary.config import CanaryConfig
 from canary.process import CommandNotFound, CommandResult, json_objects, run_process
+from quantlab_chaos import procgroup
+from quantlab_chaos.envfile import EnvFile
 
 STOP_GRACE_S = 3.0
 
@@ -44,8 +45,6 @@ class Deadline:
 
 def command_env(config: CanaryConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """PATH and HOME, then the service env files in order, then the canary's own settings where those are silent."""
-    from quantlab_chaos.envfile import EnvFile  # systemd's env-file rules
-
     base = os.environ if base is None else base
     env = {"PATH": base.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": base.get("HOME", "/"), "LANG": "C.UTF-8"}
     for path in config.live.env_files:
@@ -106,10 +105,10 @@ class LocalRunner:
                 timed_out = True
                 on_deadline(process)
                 if process.poll() is None:
-                    stop_group(process)
+                    procgroup.stop(process, STOP_GRACE_S)  # QuantLab ends its run as MANUAL_STOP on SIGTERM
         finally:
             if process.poll() is None:  # an exception (the hard-deadline alarm) on the way: nothing may outlive us
-                kill_group(process)
+                procgroup.kill(process)
             if keeper:
                 keeper.forget(process.pid)
             for pump in pumps:
@@ -129,25 +128,6 @@ def _pump(stream: IO[str] | None, sink: list[str], on_line: Callable[[str], None
             except Exception:  # noqa: BLE001 - a watcher's bug must not lose the command's output
                 pass
     stream.close()
-
-
-def stop_group(process: subprocess.Popen[str], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM to the command's own process group (QuantLab then stops its run as MANUAL_STOP), SIGKILL after `grace`."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        kill_group(process)
-
-
-def kill_group(process: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 class S3ArchiveProbe:
@@ -184,7 +164,8 @@ class S3ArchiveProbe:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client().head_object(Bucket=self.bucket, Key=key)
+            found: dict[str, Any] = self.client().head_object(Bucket=self.bucket, Key=key)
+            return found
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchKey", "NotFound"}:
                 raise

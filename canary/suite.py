@@ -12,13 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from canary.checks import (
-    DEFAULT_FIXES, CheckResult, Fixes, ObserverClient, check_archive, check_audit, check_config, check_health_fields,
-    check_observer_auth, check_runs_listing, check_self_test,
+    CheckResult,
+    Fixes,
+    ObserverClient,
+    check_archive,
+    check_audit,
+    check_config,
+    check_health_fields,
+    check_observer_auth,
+    check_runs_listing,
+    check_self_test,
 )
 from canary.config import CONTRACT_CANARY_ARGV, CanaryConfig, ConfigProblem
 from canary.live import RUN_ID, live_canary
 from canary.process import CommandNotFound
 from canary.runner import Deadline, LocalRunner, S3ArchiveProbe, archive_probe, command_env
+from quantlab_chaos import items
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.runbook import load_runbook
 
 OBSERVER_CHECKS = ("observer_auth", "runs_listing", "health_fields")
 HOST_CHECKS = ("config_check", "self_test")
@@ -35,7 +46,7 @@ class DeadlineExceeded(BaseException):
 class RunbookContext:
     """What the runbook gives the canary: the fix for each failure, and the canary command as written."""
 
-    fixes: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FIXES))
+    fixes: dict[str, str] = field(default_factory=lambda: dict(items.DEFAULT_FIXES))
     canary_argv: tuple[str, ...] = CONTRACT_CANARY_ARGV
     source: str = "built-in"
 
@@ -44,15 +55,12 @@ def runbook_context(config: CanaryConfig) -> RunbookContext:
     """Fix texts and the canary command from the configured runbook; the contract's when none is configured."""
     if config.runbook is None:
         return RunbookContext()
-    from quantlab_chaos.errors import HarnessError
-    from harness.runbook import load_runbook
-
     try:
         runbook = load_runbook(config.runbook)
     except HarnessError as exc:
         raise ConfigProblem([f"[target] runbook: {exc}"]) from None
-    fixes = dict(DEFAULT_FIXES)
-    fixes.update({f"failure:{failure.id}": failure.fix for failure in runbook.failures})
+    fixes = dict(items.DEFAULT_FIXES)
+    fixes.update({items.failure_item(failure.id): failure.fix for failure in runbook.failures})
     argv = runbook.canary.argv if runbook.canary is not None else CONTRACT_CANARY_ARGV
     return RunbookContext(fixes, tuple(argv), str(config.runbook))
 

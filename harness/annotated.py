@@ -22,10 +22,10 @@ from typing import Any
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from quantlab_chaos.errors import ConfigError
 from harness.experiment import said
 from harness.outcomes import OUTCOMES
-from harness.runbook import load_runbook
+from quantlab_chaos.errors import ConfigError
+from quantlab_chaos.runbook import load_runbook
 
 RUNBOOK_HTML = "runbook.html"
 NOT_RUN = "not-run"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from quantlab_chaos.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
-    from harness.runbook import Runbook
+    from quantlab_chaos.runbook import Runbook
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -70,8 +71,8 @@ def _env_up(args: argparse.Namespace) -> int:
 
 
 def _runbook_show(args: argparse.Namespace) -> int:
-    from harness.runbook import load_runbook
     from harness.target import Target
+    from quantlab_chaos.runbook import load_runbook
 
     path = args.runbook if args.runbook and not args.quantlab_root else Target.load(args.quantlab_root, args.runbook).runbook
     runbook = load_runbook(path)
@@ -81,8 +82,8 @@ def _runbook_show(args: argparse.Namespace) -> int:
 
 def _runbook_check(args: argparse.Namespace) -> int:
     from harness.drift import check_drift, report
-    from harness.runbook import load_runbook
     from harness.target import Target
+    from quantlab_chaos.runbook import load_runbook
 
     target = Target.load(args.quantlab_root, args.runbook)
     runbook = load_runbook(target.runbook)
@@ -224,10 +225,25 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise ConfigError(f"--runbook {runbook} is a folder, not a runbook file: {instead}.")
 
 
+CHAOS_MODULES = ("pytest", "xdist", "moto", "websockets", "psutil", "allure_pytest", "testcontainers")
+
+
+def missing_chaos_packages() -> list[str]:
+    """The harness's own packages this Python lacks: none in a full install, all of them in the canary's."""
+    return [name for name in CHAOS_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     restore_default_sigint()
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_chaos_packages()
+    if missing:
+        print(f"quantlab-chaos: this install ({sys.executable}) lacks the harness's packages ({', '.join(missing)}): it "
+              "is the production canary's install, which runs `python -m canary` only. Install the harness with "
+              "`pip install 'quantlab-chaos[chaos]'`, or run bin/quantlab-chaos from a checkout (it makes its own .venv).",
+              file=sys.stderr)
+        return EXIT_USAGE
     handler: Command = args.handler
     try:
         _check_paths(args)

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.runbook import Runbook, Source
+from harness.sysd.unitfile import parse_unit
+from harness.sysd.values import parse_timespan
 from harness.target import Target
+from quantlab_chaos import items
 from quantlab_chaos.errors import UnitError
-from harness.units import parse_unit, parse_timespan
+from quantlab_chaos.runbook import Runbook
 
 SCENARIOS_DIR = Path(__file__).with_name("scenarios")
 SOURCE_SUFFIXES = {".js", ".mjs", ".cjs", ".ts", ".mts", ".py", ".service", ".timer", ".json", ".sh"}
@@ -115,10 +117,10 @@ def _units(runbook: Runbook, target: Target) -> Iterable[Drift]:
         if not (target.root / path).is_file():
             found = target.units.get(Path(path).name)
             elsewhere = f"it is at {found.relative_to(target.root)}" if found else "no such unit file in the checkout"
-            yield Drift("unit-file", "start-stop", path, elsewhere, source.line)
+            yield Drift("unit-file", items.START_STOP, path, elsewhere, source.line)
     for command in runbook.systemctl + [c for step in runbook.break_glass for c in step.systemctl]:
         if command.unit not in target.units:
-            yield Drift("unit", "start-stop", command.text, f"no unit file {command.unit} in the checkout", command.source.line)
+            yield Drift("unit", items.START_STOP, command.text, f"no unit file {command.unit} in the checkout", command.source.line)
 
 
 def _commands(runbook: Runbook, target: Target) -> Iterable[Drift]:
@@ -127,13 +129,13 @@ def _commands(runbook: Runbook, target: Target) -> Iterable[Drift]:
         scripts = [arg for arg in command.argv[1:] if re.search(r"\.(m?js|ts|py)$", arg) and not arg.startswith("/")]
         for script in scripts[:1]:
             if not (target.root / script).is_file():
-                yield Drift("script", "self-test" if command in runbook.self_tests else "canary", command.text,
+                yield Drift("script", items.SELF_TEST if command in runbook.self_tests else items.CANARY, command.text,
                             f"{script} does not exist in the checkout", command.source.line)
 
 
 def _identifiers(runbook: Runbook, source: SourceIndex) -> Iterable[Drift]:
     for failure in runbook.failures:
-        item = f"failure:{failure.id}"
+        item = items.failure_item(failure.id)
         for code in failure.symptom_ids.codes:
             if not source.where(code):
                 yield Drift("code", item, code, "no source file of the target mentions this code", failure.symptom_source.line)
@@ -147,7 +149,7 @@ def _identifiers(runbook: Runbook, source: SourceIndex) -> Iterable[Drift]:
     for step in runbook.break_glass:
         for name in step.ids.env_names:
             if not source.where_pattern(re.escape(name) + r"\b"):
-                yield Drift("env", f"break-glass:{step.id}", name, "no source file of the target reads this variable",
+                yield Drift("env", items.break_glass_item(step.id), name, "no source file of the target reads this variable",
                             step.source.line)
 
 
@@ -158,7 +160,7 @@ def _routes_and_ports(runbook: Runbook, target: Target, source: SourceIndex) -> 
         route = re.sub(r"<[a-z_]+>", "", request.path.split("?")[0]).rstrip("/")
         route_start = route.split("//")[0]
         if not source.where(route_start.rsplit("/", 1)[0] if route_start.count("/") > 2 else route_start):
-            yield Drift("route", "health-checks", request.path, "no source file of the target serves this path", request.source.line)
+            yield Drift("route", items.HEALTH_CHECKS, request.path, "no source file of the target serves this path", request.source.line)
     ports = {request.port for request in requests}
     observer = target.units.get("quantlab-observer.service")
     if observer is None or not ports:
@@ -166,13 +168,13 @@ def _routes_and_ports(runbook: Runbook, target: Target, source: SourceIndex) -> 
     try:
         unit = parse_unit(observer)
     except UnitError as exc:
-        yield Drift("unit-file", "health-checks", str(observer), f"unparseable: {exc}")
+        yield Drift("unit-file", items.HEALTH_CHECKS, str(observer), f"unparseable: {exc}")
         return
     assigned = [value for raw in unit.get_all("Service", "Environment") for value in re.findall(r"OBSERVER_PORT=(\d+)", raw)]
     for port in ports:
         if assigned and str(port) not in assigned:
             line = next(r.source.line for r in requests if r.port == port)
-            yield Drift("port", "health-checks", f"observer on port {port}",
+            yield Drift("port", items.HEALTH_CHECKS, f"observer on port {port}",
                         f"{observer.relative_to(target.root)} sets OBSERVER_PORT={assigned[-1]}", line)
 
 
@@ -182,23 +184,23 @@ def _safety_defaults(runbook: Runbook, target: Target, source: SourceIndex) -> I
         try:
             unit = parse_unit(path)
         except UnitError as exc:
-            yield Drift("unit-file", "safety-defaults", str(path.relative_to(target.root)), f"unparseable: {exc}")
+            yield Drift("unit-file", items.SAFETY_DEFAULTS, str(path.relative_to(target.root)), f"unparseable: {exc}")
             continue
         for setting in runbook.unit_directives:
             section = DIRECTIVE_SECTIONS.get(setting.name, "Service")
             actual = unit.get(section, setting.name)
             if actual is None or not _same_value(setting.name, setting.value, actual):
-                yield Drift("safety-default", "safety-defaults", f"{setting.name}={setting.value}",
+                yield Drift("safety-default", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
                             f"{path.relative_to(target.root)} [{section}] has "
                             f"{setting.name}={actual}" if actual is not None else
                             f"{path.relative_to(target.root)} [{section}] lacks {setting.name}", setting.source.line)
     for setting in runbook.env_limits:
         files = source.where(setting.name)
         if not files:
-            yield Drift("env-limit", "safety-defaults", f"{setting.name}={setting.value}",
+            yield Drift("env-limit", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
                         "no source file of the target reads this variable", setting.source.line)
         elif not any(setting.value in _plain_numbers(source.files[name]) for name in files):
-            yield Drift("env-limit", "safety-defaults", f"{setting.name}={setting.value}",
+            yield Drift("env-limit", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
                         f"{', '.join(files[:2])} read it, but none has the default {setting.value}", setting.source.line)
 
 
@@ -227,9 +229,3 @@ def report(drifts: list[Drift], runbook: Runbook, target: Target) -> dict[str, A
         "drift": [d.to_dict() for d in drifts],
     }
 
-
-def source_of(runbook: Runbook, line: int | None) -> Source | None:
-    if not line:
-        return None
-    text = runbook.path.read_text().splitlines()[line - 1] if runbook.path.is_file() else ""
-    return Source(line, text)

@@ -21,29 +21,30 @@ from typing import Any
 import httpx
 
 from canary.checks import TargetUnreachable
+from canary.config import default_strategy
 from canary.process import CommandNotFound, CommandResult, run_process
 from harness import reaper
-from quantlab_chaos.errors import ConfigError, HarnessError, MissingToolError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.node import BINANCE_FUTURES_WS, node_options_with_preload, url_map_env
 from harness.fakes.s3 import Bucket, S3Server, open_s3
 from harness.fakes.toxiproxy import ChaosProxy, ToxiproxyServer
 from harness.isolation import PortLocks, current_isolation
 from harness.journal import RunbookViolation
-from harness.ports import free_port
 from harness.outcomes import SteadyStateNotReached
+from harness.ports import free_port
 from harness.readiness import ServiceReadiness, listening_ports
 from harness.readiness import not_installed as not_installed_line
-from harness.runbook import Runbook
-from harness.services import ServiceFailed, ServiceStatus, Supervisor
+from harness.sysd.deploy import load_service
+from harness.sysd.spec import ServiceSpec
+from harness.sysd.status import ServiceFailed, ServiceStatus
+from harness.sysd.supervisor import Supervisor
 from harness.target import ServiceRole, Target
 from quantlab_chaos.envfile import EnvFile, write_env_file
-from harness.units import ServiceSpec, load_service
+from quantlab_chaos.errors import ConfigError, HarnessError, MissingToolError
 from quantlab_chaos.redact import is_secret_name
+from quantlab_chaos.runbook import Runbook
 
-reaper.install()  # QuantLab's one-shot commands (canary.process) are reaped with the harness too
-
-STRATEGIES = Path(__file__).with_name("strategies")
+STRATEGIES = default_strategy().parent  # the ES modules handed to QuantLab, shipped with the canary
 SECRET_ENV = ("OBSERVER_TOKEN", "RUN_ARCHIVE_S3_ACCESS_KEY", "RUN_ARCHIVE_S3_SECRET_KEY")
 COMMAND_TIMEOUT_S = 120.0
 
@@ -73,7 +74,7 @@ class Settings:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class QuantLabEnvironment(AbstractContextManager):
+class QuantLabEnvironment(AbstractContextManager["QuantLabEnvironment"]):
     """A target's services with their own token, bucket, proxies, spool, state and env files."""
 
     def __init__(self, target: Target, workdir: Path, *, s3: S3Server, toxiproxy: ToxiproxyServer,
@@ -103,6 +104,7 @@ class QuantLabEnvironment(AbstractContextManager):
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def __enter__(self) -> QuantLabEnvironment:
+        reaper.install()  # QuantLab's one-shot commands (canary.process) are reaped with the harness too
         try:
             for folder in (self.audit_dir, self.state_dir, self.env_dir):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,7 @@ class QuantLabEnvironment(AbstractContextManager):
         try:
             status = self.supervisor.start(name, timeout=timeout, check=check)
         except ServiceFailed as exc:
-            raise self.not_installed(name) or exc
+            raise (self.not_installed(name) or exc) from exc
         if not status.active and status.result != "success":
             blocked = self.not_installed(name)
             if blocked is not None:
@@ -321,7 +323,8 @@ class QuantLabEnvironment(AbstractContextManager):
     def logs(self, service: str, lines: int | None = None) -> list[str]:
         return self.supervisor.logs(self._name(service), lines=lines)
 
-    def edit_env(self, service: str, set: Mapping[str, str] | None = None, unset: Sequence[str] = ()) -> Path:
+    def edit_env(self, service: str, set: Mapping[str, str] | None = None,  # noqa: A002 - the operator's verbs: set, unset
+                 unset: Sequence[str] = ()) -> Path:
         """Changes the service's env file the way an operator edits /etc/quantlab/<name>.env (takes effect on restart)."""
         wiring = self.wiring(service)
         if wiring.env_file is None:
@@ -441,7 +444,8 @@ def _host_port(url: str) -> str:
 def shared_parts(s3_backend: str = "moto", s3_url: str | None = None, toxiproxy_bin: str | None = None,
                  log_dir: Path | None = None) -> Iterator[tuple[S3Server, ToxiproxyServer]]:
     """The per-process parts: one S3 server and one toxiproxy server."""
-    with open_s3(s3_backend, s3_url) as s3, ToxiproxyServer(toxiproxy_bin, log_path=log_dir / "toxiproxy.log" if log_dir else None) as toxiproxy:
+    toxiproxy_log = log_dir / "toxiproxy.log" if log_dir else None
+    with open_s3(s3_backend, s3_url) as s3, ToxiproxyServer(toxiproxy_bin, log_path=toxiproxy_log) as toxiproxy:
         yield s3, toxiproxy
 
 

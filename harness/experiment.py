@@ -21,12 +21,13 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from quantlab_chaos.errors import HarnessError
 from harness.outcomes import DriftFound, SteadyStateNotReached, one_sentence
+from quantlab_chaos import items
+from quantlab_chaos.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.journal import Journal
-    from harness.runbook import Source
+    from quantlab_chaos.runbook import Source
 
 T = TypeVar("T")
 
@@ -277,7 +278,7 @@ def observe_once(probe: Probe, phase: str) -> Observation:
     except (AssertionError, TimeoutError, TargetUnreachable) as exc:
         if phase == STEADY:
             blocked_by = probe.blocks or getattr(exc, "blocks_item", None) or (
-                "health-checks" if isinstance(exc, TargetUnreachable) else None)
+                items.HEALTH_CHECKS if isinstance(exc, TargetUnreachable) else None)
             raise SteadyStateNotReached(f"{probe.name}: {exc}", blocked_by=blocked_by) from exc
         return Observation(None, one_sentence(str(exc), 600), {"raised": type(exc).__name__}, final=True)
 
@@ -366,7 +367,7 @@ class Runner:
     def _steady(self, experiment: Experiment, run: Run) -> None:
         """The setup, then the steady-state probes; whatever keeps it from being reached makes the run blocked."""
         from canary.checks import TargetUnreachable
-        from harness.services import ServiceFailed
+        from harness.sysd.status import ServiceFailed
 
         for action in experiment.setup:
             if isinstance(action, Probe):
@@ -378,10 +379,10 @@ class Runner:
                 except (SteadyStateNotReached, DriftFound):
                     raise
                 except ServiceFailed as exc:
-                    raise SteadyStateNotReached(f"{action.name}: {exc}", blocked_by=action.blocks or "start-stop") from exc
+                    raise SteadyStateNotReached(f"{action.name}: {exc}", blocked_by=action.blocks or items.START_STOP) from exc
                 except TargetUnreachable as exc:
                     raise SteadyStateNotReached(f"{action.name}: {exc}",
-                                                blocked_by=action.blocks or "health-checks") from exc
+                                                blocked_by=action.blocks or items.HEALTH_CHECKS) from exc
                 except (AssertionError, TimeoutError) as exc:
                     raise SteadyStateNotReached(f"{action.name}: {exc}", blocked_by=action.blocks or getattr(
                         exc, "blocks_item", None)) from exc
@@ -406,7 +407,7 @@ class Runner:
         """Runs the actions in order; the time the last one finished (the fault applied), or None when the system
         refused one (a runbook step that cannot be done as written, or a service that does not reach the state the
         step asks for: a deviation, and a fault's symptom is then not judged)."""
-        from harness.services import ServiceError
+        from harness.sysd.status import ServiceError
 
         for action in actions:
             with self.journal.step(phase, action.name) as step:

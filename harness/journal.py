@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import allure
 
 from harness.experiment import SEVERITIES, Experiment, ExperimentError, Run, Runner, said
-from harness.runbook import RunbookItem, Source
+from quantlab_chaos.runbook import RunbookItem, Source
 
 T = TypeVar("T")
 

@@ -1,8 +1,6 @@
 """What runbook scenarios share: running the runbook's canary in an environment, and the canary's checks."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,21 +12,32 @@ from typing import Any
 import httpx
 
 from canary.checks import (
-    CanaryOutcome, CheckResult, ObserverClient, Runner, TargetUnreachable, audit_entries, canary_argv, check_archive,
-    check_audit, check_canary_line, find_run, run_canary,
+    CanaryOutcome,
+    CheckResult,
+    ObserverClient,
+    Runner,
+    TargetUnreachable,
+    audit_entries,
+    canary_argv,
+    check_archive,
+    check_audit,
+    check_canary_line,
+    run_canary,
 )
 from canary.process import CommandResult
+from canary.stops import find_run
 from harness import reaper
 from harness.environment import QuantLabEnvironment
-from quantlab_chaos.errors import HarnessError
 from harness.experiment import Action, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, RunbookViolation, Snapshot, snapshot, violation
 from harness.outcomes import SteadyStateNotReached
+from quantlab_chaos import items, procgroup
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.runbook import HttpRequest, Runbook
 from quantlab_chaos.waiting import wait_until
-from harness.runbook import HttpRequest, Runbook
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT")
-CANARY_ITEM, HEALTH_ITEM, START_STOP_ITEM = "canary", "health-checks", "start-stop"
+CANARY_ITEM, HEALTH_ITEM, START_STOP_ITEM = items.CANARY, items.HEALTH_CHECKS, items.START_STOP
 NATURAL_END = "STREAM_END"  # CONTRACT section 6: a run that reaches its duration
 now = time.monotonic  # the clock observations are timed with (Observation.at)
 
@@ -65,7 +74,7 @@ def failed(results: Sequence[CheckResult]) -> list[str]:
     return [f"{r.name}: {r.message}" for r in results if not r.ok]
 
 
-def canary_problems(env: QuantLabEnvironment, outcome: CanaryOutcome, *, natural_end: bool = True) -> list[str]:
+def canary_problems(env: QuantLabEnvironment, outcome: CanaryOutcome, *, natural_end: bool) -> list[str]:
     """What is wrong with a canary run that should be healthy: its three runbook checks, and (natural_end) a stop
     other than the run's natural end, with the guard or budget the audit trail names."""
     problems = failed(canary_checks(env, outcome))
@@ -249,7 +258,7 @@ def live_run(env: QuantLabEnvironment, runbook: Runbook, *, seconds: int = 30, s
         if process is None:
             env.stop(LIVE_ROLE)
         else:
-            _stop_group(process)
+            stop_group(process)
 
 
 # The per-event money guards judge the strategy's luck: the target's own live strategy may lose three times in a
@@ -305,21 +314,10 @@ def _spawn_canary(env: QuantLabEnvironment, runbook: Runbook, seconds: int, stra
     return process
 
 
-def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+def stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group (the run ends as a manual stop), SIGKILL it after `grace` seconds."""
     try:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            if process.poll() is not None:
-                return
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                process.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        procgroup.stop(process, grace)
     finally:
         if process.poll() is not None:
             reaper.forget(process.pid)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from canary.checks import MANUAL_STOP, find_run
+from canary.stops import MANUAL_STOP, find_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Observation, Probe, Slot, holds
 from harness.journal import Journal
-from harness.runbook import Runbook, Source
+from quantlab_chaos.runbook import Runbook, Source
 
 # How soon a stopped run must be seen ended; QuantLab's own promise (CONTRACT section 9) is one second.
 STOP_DEADLINE_S = 2.0

@@ -24,7 +24,7 @@ PRECEDENCE = (FAIL, ERROR, BLOCKED, DRIFT, PASS)
 EXIT_CODES = {PASS: 0, FAIL: 1, DRIFT: 1, BLOCKED: 1, ERROR: 3}
 
 
-class SteadyStateNotReached(Exception):  # noqa: N818 - named for what it says, like Chaos Toolkit's
+class SteadyStateNotReached(Exception):
     """The steady state a scenario needs could not be reached before any fault: the scenario is `blocked`.
 
     `blocked_by` is the runbook item whose own failure blocks it (for example `canary` when no healthy canary run
@@ -37,7 +37,7 @@ class SteadyStateNotReached(Exception):  # noqa: N818 - named for what it says, 
         super().__init__(f"[blocked] steady state not reached before any fault{by}: {self.why}")
 
 
-class DriftFound(Exception):  # noqa: N818
+class DriftFound(Exception):
     """The runbook names something the checkout does not have (a unit, a route, a command): the scenario is `drift`."""
 
     def __init__(self, what: str) -> None:

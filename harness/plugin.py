@@ -9,19 +9,19 @@ import functools
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import allure
+import pluggy
 import pytest
 from allure_commons.model2 import StatusDetails, TestResult
 
 from harness import reaper
 from harness.cli import restore_default_sigint
 from harness.environment import QuantLabEnvironment, Settings
-from quantlab_chaos.errors import HarnessError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import BACKENDS, Bucket, S3Server, open_s3
@@ -29,14 +29,24 @@ from harness.fakes.toxiproxy import TOXIPROXY_BACKENDS, ToxiproxyServer
 from harness.isolation import host_network_reason, isolate_process_network, run_isolation
 from harness.journal import Journal
 from harness.outcomes import BLOCKED, DRIFT, ERROR, SKIPPED, Verdict, classify, one_sentence
-from quantlab_chaos.redact import redact
-from harness.reporting import (BEYOND_MARKERS, BEYOND_PARENT, BEYOND_PARENTS, RUNBOOK_PARENT, SECURITY_PROPERTY,
-                               allure_group_labels, findings_markdown, runbook_groups, skip_reason)
-from harness.runbook import Runbook, load_runbook
+from harness.reporting import (
+    BEYOND_MARKERS,
+    BEYOND_PARENT,
+    BEYOND_PARENTS,
+    RUNBOOK_PARENT,
+    SECURITY_PROPERTY,
+    allure_group_labels,
+    findings_markdown,
+    runbook_groups,
+    skip_reason,
+)
 from harness.secrets_scan import register as register_secrets_guard
 from harness.secrets_scan import remember as remember_secrets
 from harness.secrets_scan import scan_environment_output
 from harness.target import Target
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.redact import redact
+from quantlab_chaos.runbook import Runbook, load_runbook
 
 F = TypeVar("F", bound=Callable[..., Any])
 TEARDOWN_NAME = "__allure_teardown_name__"
@@ -66,7 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "quantlab_settings(archive=True, live_ws=True, audit=True, extra=None): settings the quantlab fixture starts with"
     )
-    config.addinivalue_line("markers", "hostile: a hostile exchange (junk, huge, duplicate, out-of-order frames, drops) against the live run")
+    config.addinivalue_line("markers", "hostile: a hostile exchange (junk, huge, duplicate, out-of-order frames, drops) "
+                                       "against the live run")
     config.addinivalue_line("markers", "security: a security probe of the target (reported in summary.json's security block)")
     register_secrets_guard(config)  # every process: workers hand their secrets over, the controller scans
     _isolate(config)
@@ -120,7 +131,8 @@ def pytest_keyboard_interrupt() -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tags each scenario's reports with its runbook item, and keeps only --runbook-item ones when asked."""
     wanted = set(config.getoption("runbook_item"))
-    selected, deselected = [], []
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
     for item in items:
         marker = item.get_closest_marker("runbook")
         item_id = str(marker.args[0]) if marker and marker.args else None
@@ -266,11 +278,12 @@ def quantlab(quantlab_target: Target, s3_server: S3Server, toxiproxy: ToxiproxyS
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     """Reads each phase's end as one of the five outcomes (harness.outcomes) and carries it on the report as
     `verdict` (xdist ships report attributes to the controller): a failed setup or teardown is the harness's error."""
     result = yield
-    report: pytest.TestReport = result.get_result()
+    report = result.get_result()
     if report.skipped:
         verdict = Verdict(SKIPPED, skip_reason(report))
     elif call.when == "call":
@@ -307,7 +320,7 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -
     if not report.failed or not isinstance(verdict, dict):
         return None
     letters = {BLOCKED: ("blocked", "B", "BLOCKED"), DRIFT: ("drift", "D", "DRIFT"), ERROR: ("error", "E", "ERROR")}
-    return letters.get(verdict.get("outcome"))
+    return letters.get(str(verdict.get("outcome")))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -347,7 +360,7 @@ def _findings_of(item: pytest.Item, journal: Journal | None, secrets: list[str])
         found = [asdict(finding) for finding in journal.findings]
     else:
         security = dict(item.user_properties).get(SECURITY_PROPERTY)
-        found = list(json.loads(security).get("findings", [])) if security else []
+        found = list(json.loads(str(security)).get("findings", [])) if security else []
     return [{**f, "title": redact(str(f["title"]), secrets), "detail": redact(str(f["detail"]), secrets)} for f in found]
 
 
@@ -393,7 +406,8 @@ def _allure_result(config: pytest.Config) -> TestResult | None:
 
 def _runbook_of(request: pytest.FixtureRequest) -> Runbook | None:
     try:
-        return request.getfixturevalue("runbook_model")
+        runbook: Runbook = request.getfixturevalue("runbook_model")
+        return runbook
     except pytest.UsageError:
         return None
 

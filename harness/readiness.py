@@ -5,21 +5,31 @@ that port answers HTTP at all: a route's 404 or a 401 is a verdict for the scena
 harness only wrote into the unit's env file because services of that role usually read it is a guess: the service
 is up when it answers there, or when it listens elsewhere, or when it has run for a grace period listening on
 nothing (a worker that serves no HTTP). The harness never waits on a port the service does not read.
+
+`make_probe` turns what `Supervisor.add(readiness=...)` accepts (a callable such as `ServiceReadiness`, an http(s)
+URL, a TCP port, a (host, port) pair) into the probe the supervisor polls while a start is in progress.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import socket
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psutil
 
+from harness.sysd.status import ServiceError
+
 HTTP_PROBE_TIMEOUT_S = 1.0
+TCP_PROBE_TIMEOUT_S = 0.5
 NO_PORT_GRACE_S = 5.0
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+Readiness = Callable[[], bool] | str | int | tuple[str, int] | None
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -62,6 +72,52 @@ def answers_http(port: int, path: str | None) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def http_ready(url: str) -> bool:
+    """True when `url` answers 2xx or 401: an observer without a token is up, it just refuses us."""
+    response = httpx.get(url, timeout=HTTP_PROBE_TIMEOUT_S, trust_env=False)
+    return 200 <= response.status_code < 300 or response.status_code == httpx.codes.UNAUTHORIZED
+
+
+def port_ready(host: str, port: int) -> bool:
+    """True when host:port accepts a TCP connection (raises OSError while it does not)."""
+    with socket.create_connection((host, port), timeout=TCP_PROBE_TIMEOUT_S):
+        return True
+
+
+def make_probe(readiness: Readiness) -> Callable[[], bool] | None:
+    """A no-argument probe for a readiness spec: callable, http(s) URL, port number or (host, port); None for None.
+
+    The probe never raises: a probe that raises (connection refused, a timeout) means "not ready yet".
+    """
+    if readiness is None:
+        return None
+    probe: Callable[[], bool]
+    if isinstance(readiness, str):
+        if not readiness.startswith(("http://", "https://")):
+            raise ServiceError(f"readiness {readiness!r} is not an http(s) URL. Pass a URL, a TCP port, a "
+                               f"(host, port) pair or a callable returning bool.")
+        probe = functools.partial(http_ready, readiness)
+    elif isinstance(readiness, bool):
+        raise ServiceError("readiness must be a URL, a port, a (host, port) pair or a callable, not a bool.")
+    elif isinstance(readiness, int):
+        probe = functools.partial(port_ready, "127.0.0.1", readiness)
+    elif isinstance(readiness, tuple):
+        probe = functools.partial(port_ready, readiness[0], int(readiness[1]))
+    elif callable(readiness):
+        probe = readiness
+    else:
+        raise ServiceError(f"readiness {readiness!r} is not supported. Pass a URL, a TCP port, a (host, port) "
+                           f"pair or a callable returning bool.")
+
+    def safe() -> bool:
+        try:
+            return bool(probe())
+        except Exception:  # noqa: BLE001 - a probe that raises means "not ready yet"
+            return False
+
+    return safe
 
 
 class ServiceReadiness:

@@ -119,6 +119,8 @@ class _Reaping:
         return False
 
     def wait_gone(self, seconds: float) -> bool:
+        # Its own loop, not quantlab_chaos.waiting: the reaper runs as `python -I -S reaper.py`, with nothing of the
+        # project on its path, so that it can never be the one process that fails to import.
         deadline = time.monotonic() + seconds
         while self.alive():
             if time.monotonic() >= deadline:
@@ -169,6 +171,7 @@ class Reaper:
         self._pid = 0
         self._fd = -1
         self._watched: dict[int, str] = {}
+        self._fork_hook = False
 
     @property
     def mark(self) -> str:
@@ -226,6 +229,9 @@ class Reaper:
         self._watched = {}
 
     def _start(self) -> None:
+        if not self._fork_hook:  # registered on first use, not at import: importing the harness starts nothing
+            os.register_at_fork(after_in_child=self._after_fork)
+            self._fork_hook = True
         if not self._mark:
             self._mark = f"{os.getpid()}-{os.urandom(8).hex()}"
         if self._pid:
@@ -272,7 +278,6 @@ class Reaper:
 
 
 REAPER = Reaper()
-os.register_at_fork(after_in_child=REAPER._after_fork)
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

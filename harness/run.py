@@ -15,17 +15,19 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from harness import reaper
 from harness.drift import check_drift, scenario_items
-from quantlab_chaos.errors import EXIT_FAILED, ConfigError, HarnessError, MissingToolError
-from harness.outcomes import EXIT_CODES, ERROR, OUTCOMES, exit_code, one_sentence
 from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
+from harness.outcomes import ERROR, EXIT_CODES, OUTCOMES, exit_code, one_sentence
 from harness.reporting import SUMMARY_JSON
-from harness.runbook import load_runbook
-from harness.services import group_members
+from harness.sysd.stopping import group_members
 from harness.target import PROJECT_ROOT, TWIN_ROOT, Target
+from quantlab_chaos import procgroup
+from quantlab_chaos.errors import ConfigError, HarnessError, MissingToolError
+from quantlab_chaos.runbook import load_runbook
 
 SCENARIOS_DIR = Path(__file__).with_name("scenarios")
 EXIT_HARNESS = EXIT_CODES[ERROR]
@@ -51,7 +53,7 @@ def _units_to_boot(target: Target, services: Sequence[str] | None) -> list[str]:
 
 
 def _words(unit_path: Path) -> set[str]:
-    from harness.units import parse_unit
+    from harness.sysd.unitfile import parse_unit
 
     unit = parse_unit(unit_path)
     return {word for key in ("ExecStartPre", "ExecStart", "ExecStartPost")
@@ -151,7 +153,7 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     return verdict
 
 
-def harness_leaks(summary: dict) -> list[dict]:
+def harness_leaks(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The secrets the harness wrote into its own reports (names and places only); each one fails the run."""
     leaks = list((summary.get("secrets") or {}).get("harness_leaks") or [])
     for leak in leaks:
@@ -178,13 +180,10 @@ def _pytest(argv: list[str]) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        try:
-            if signum == signal.SIGINT:  # the controller passes it on to its workers (harness.plugin), once
-                os.kill(process.pid, signal.SIGINT)
-            else:
-                os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        if signum == signal.SIGINT:  # the controller passes it on to its workers (harness.plugin), once
+            procgroup.signal_pid(process.pid, signal.SIGINT)
+        else:
+            procgroup.signal_group(process.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -197,8 +196,7 @@ def _pytest(argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            procgroup.kill(process)
         if not group_members(process.pid):  # else the reaper ends the stragglers when we exit
             reaper.forget(process.pid)
     if received:
@@ -209,7 +207,7 @@ def _pytest(argv: list[str]) -> int:
     return code
 
 
-def _print_summary(summary: dict, reports: Path) -> None:
+def _print_summary(summary: dict[str, Any], reports: Path) -> None:
     print("\nRunbook items:")
     for row in summary["items"]:
         extra = f"  {one_sentence(row['message'], 200)}" if row["outcome"] != "pass" else ""

@@ -298,7 +298,7 @@ class SecretsGuard:
             return
         for name, value in report.user_properties:
             if name == TARGET_SCAN_PROPERTY and report.when == "teardown":
-                found = json.loads(value)
+                found = json.loads(str(value))
                 self.target.checked += int(found.get("checked", 0))
                 self.target.leaks += [Leak(**leak) for leak in found.get("leaks", [])]
                 self.target.errors += list(found.get("errors", []))

@@ -21,10 +21,10 @@ from urllib.parse import urlencode
 import httpx
 import psutil
 
-from canary.checks import UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, TOO_MANY_REQUESTS_STATUS, too_many_requests_body
+from canary.stops import TOO_MANY_REQUESTS_STATUS, UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, too_many_requests_body
 from harness.journal import Finding
-from quantlab_chaos.redact import redact
 from harness.secrets_scan import SecretSet
+from quantlab_chaos.redact import redact
 
 HEALTH_PATHS = ("/health",)
 OPEN_PORT_PATHS = ("/",) + HEALTH_PATHS
@@ -190,7 +190,8 @@ def probe_rate_limit(client: httpx.Client, report: SecurityReport, base_url: str
     limited_at = len(statuses) if statuses and statuses[-1] == TOO_MANY_REQUESTS_STATUS else None
     body = _body(response) if response is not None else None
     ok = limited_at == limit + 1 and body == too_many_requests_body(limit)
-    note = f"first {TOO_MANY_REQUESTS_STATUS} at request {limited_at}" if limited_at else f"no {TOO_MANY_REQUESTS_STATUS} in {len(statuses)} requests"
+    note = (f"first {TOO_MANY_REQUESTS_STATUS} at request {limited_at}" if limited_at
+            else f"no {TOO_MANY_REQUESTS_STATUS} in {len(statuses)} requests")
     report.probes.append(Probe("observer", port, method, path, f"{label}: {limit + 1} requests without credentials",
                                statuses[-1] if statuses else None, expected, ok, note))
     if limited_at is None:

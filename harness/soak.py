@@ -31,13 +31,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from quantlab_chaos.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from harness.reporting import SUMMARY_JSON
 from harness.target import PROJECT_ROOT
+from quantlab_chaos import procgroup
+from quantlab_chaos.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 
 SOAK_JSON = "soak.json"
 SOAK_MD = "soak.md"
@@ -344,11 +345,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             return
         except (subprocess.TimeoutExpired, KeyboardInterrupt):  # another Ctrl-C: the next, harder step now
             continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
+    procgroup.kill(process, kill_wait=10)
 
 
 # ------------------------------------------------------------------------------------------------- the soak
@@ -364,7 +361,7 @@ def soak(*, runs: int, cpu_pressure_on: bool, only: Sequence[str], reports_dir: 
     runs_dir = reports_dir / "soak"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True)
-    started_at, t0 = datetime.now(timezone.utc), time.monotonic()
+    started_at, t0 = datetime.now(UTC), time.monotonic()
     results: list[RunResult] = []
     interrupted = False
     refused = ""

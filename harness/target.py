@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 from quantlab_chaos.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TWIN_ROOT = PROJECT_ROOT / "reference" / "quantlab"
-DEPLOY_ROOT = "/home/deploy/quantlab-backend"
 RUNBOOK_IN_CHECKOUT = Path("docs/runbook.md")
 PROFILE_FILE = ".quantlab-chaos.toml"
 UNIT_GLOBS = ("ops/systemd/*.service", "ops/systemd/*.timer", "core/*/*.service", "core/*/*.timer")
@@ -35,7 +35,6 @@ class ServiceRole:
     unit: str
     port_env: str | None = None
     health_path: str | None = None
-    uses_s3: bool = True
     uses_exchange: bool = False
     declared: bool = False  # set by the checkout's .quantlab-chaos.toml: its port_env is known to be read
 
@@ -47,7 +46,7 @@ KNOWN_SERVICES: dict[str, ServiceRole] = {
         ServiceRole("live", "quantlab-live.service", uses_exchange=True),
         ServiceRole("replayd", "quantlab-replayd.service", "REPLAYD_PORT", "/health"),
         ServiceRole("worker", "quantlab-worker.service", "WORKER_HEALTH_PORT", "/health"),
-        ServiceRole("console", "quantlab-console-ui.service", "CONSOLE_PORT", "/health", uses_s3=False),
+        ServiceRole("console", "quantlab-console-ui.service", "CONSOLE_PORT", "/health"),
         ServiceRole("compact", "quantlab-compact.service"),
     )
 }
@@ -95,14 +94,12 @@ class Target:
             f"{', '.join(sorted(s.role for s in self.services.values())) or 'none'}. Use one of those names."
         )
 
-    def script(self, relative: Path | str) -> Path:
-        return self.root / relative
-
     def check_units(self, services: Sequence[str] | None = None) -> None:
         """Refuses a checkout whose services cannot be booted from their unit files: ConfigError naming the
         file and line, or saying where unit files are looked for when there are none. `services` (roles or unit
         names) limits the check to those; by default every unit is checked."""
-        from harness.units import ServiceSpec, parse_unit
+        from harness.sysd.spec import ServiceSpec
+        from harness.sysd.unitfile import parse_unit
 
         if not any(name.endswith(".service") for name in self.units):
             raise ConfigError(
@@ -147,7 +144,7 @@ def _service_roles(root: Path, units: dict[str, Path]) -> dict[str, ServiceRole]
             continue
         role = KNOWN_SERVICES.get(name, ServiceRole(name.removeprefix("quantlab-").removesuffix(".service"), name))
         if name in overrides:
-            role = replace(role, **overrides[name], declared=True)
+            role = replace(role, **cast(dict[str, Any], overrides[name]), declared=True)  # checked by _read_profile
         services[name] = role
     return services
 
@@ -193,7 +190,7 @@ def _read_profile(root: Path) -> dict[str, dict[str, object]]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}); fix it or remove it.") from exc
-    allowed = {"port_env", "health_path", "role", "uses_s3", "uses_exchange"}
+    allowed = {"port_env", "health_path", "role", "uses_exchange"}
     result: dict[str, dict[str, object]] = {}
     for unit, values in data.get("services", {}).items():
         unknown = set(values) - allowed

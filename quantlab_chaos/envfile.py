@@ -60,7 +60,9 @@ class EnvFile:
 def _env_assignments(text: str) -> list[tuple[int, str, str]]:
     """(line, key, value) triples; a state machine mirroring systemd's env-file parser."""
     found: list[tuple[int, str, str]] = []
-    state, key, value = "pre_key", [], []
+    state = "pre_key"
+    key: list[str] = []
+    value: list[str] = []
     line, key_line = 1, 1
     value_space_at: int | None = None
 

@@ -12,7 +12,18 @@ from collections.abc import Iterable, Mapping
 REDACTED = "***"
 MIN_SECRET_LENGTH = 4
 SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-_WORD = r"[A-Za-z0-9_]"
+_WORD = re.compile(r"[A-Za-z0-9_]")
+# A token starts after a non-word character or after a percent-encoded one (`token%3Dabcd` in a logged URL).
+_STARTS = r"(?:(?<![A-Za-z0-9_])|(?<=%[0-9A-Fa-f]{2}))"
+_ENDS = r"(?![A-Za-z0-9_])"
+
+
+def _whole(secret: str) -> str:
+    """The secret as a pattern that matches it only as a whole token: a boundary is required only at an edge that
+    is itself a word character (a secret ending in '/' may be followed by anything)."""
+    starts = _STARTS if _WORD.match(secret[0]) else ""
+    ends = _ENDS if _WORD.match(secret[-1]) else ""
+    return f"{starts}{re.escape(secret)}{ends}"
 
 
 class Redactor:
@@ -20,8 +31,7 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         maskable = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
-        alternatives = "|".join(re.escape(secret) for secret in maskable)
-        self._pattern = re.compile(rf"(?<!{_WORD})(?:{alternatives})(?!{_WORD})") if maskable else None
+        self._pattern = re.compile("|".join(_whole(secret) for secret in maskable)) if maskable else None
 
     def __call__(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(REDACTED, text)

@@ -19,7 +19,7 @@ from quantlab_chaos.envfile import EnvFile, write_env_file
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-# harness/strategies/steady.js alternates BUY and SELL, and crossing the spread makes most round trips lose, so
+# canary/strategies/steady.js alternates BUY and SELL, and crossing the spread makes most round trips lose, so
 # QuantLab's loss-streak guard stops a run with it now and then. The tests' canary only ever buys: no realised
 # loss, so no guard fires, and one decision every 4th event is plenty for the min_decisions guard.
 CALM_STRATEGY = """\
@@ -70,7 +70,8 @@ class CanaryRun:
     duration_s: float
 
     def json(self) -> dict[str, Any]:
-        return json.loads(self.stdout)
+        report: dict[str, Any] = json.loads(self.stdout)
+        return report
 
     def checks(self) -> dict[str, dict[str, Any]]:
         return {check["name"]: check for check in self.json()["checks"]}
@@ -112,7 +113,7 @@ def webhook_server() -> Iterator[Webhook]:
     hook = Webhook()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
             hook.raw.append(body)
             hook.bodies.append(json.loads(body))

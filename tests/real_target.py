@@ -75,6 +75,7 @@ def load_expectations(path: Path, archive_file: str | None = None) -> dict[str, 
     except ValueError as exc:
         raise ExpectationsError(f"{path} is not valid JSON ({exc}).") from None
     validate_expectations(data, str(path), archive_file)
+    assert isinstance(data, dict)  # validate_expectations refuses anything but an object
     return data
 
 
@@ -166,7 +167,7 @@ def format_differences(differences: list[Difference], title: str) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
 
     def line(cells: tuple[str, ...]) -> str:
-        return " | ".join([*(cell.ljust(width) for cell, width in zip(cells, widths)), cells[-1]])
+        return " | ".join([*(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)), cells[-1]])
 
     rule = "-+-".join(["-" * width for width in widths] + ["-" * len(header[-1])])
     return "\n".join([f"{title}: {len(differences)} difference(s)", line(header), rule, *map(line, rows)])

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from harness.annotated import NOT_RUN, RUNBOOK_HTML, git_commit, moments, render, slug, write_annotated
-from harness.runbook import load_runbook
 from harness.target import TWIN_ROOT
+from quantlab_chaos.runbook import load_runbook
 from tests.browser import CHROMIUM_FLAGS
 
 PROJECT = Path(__file__).resolve().parents[1]

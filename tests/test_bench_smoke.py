@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,16 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def bench_json(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     done = subprocess.run([sys.executable, "-m", "bench.run", "--only", "exchange", "--exchange-seconds", "0.2",
                            "--warmup", "0.05", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "frames/s one conn:" in done.stdout
-    return json.loads(out.read_text())
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
 
 
-def test_bench_json_has_every_part_with_status_and_reason(bench_json: dict) -> None:
+def test_bench_json_has_every_part_with_status_and_reason(bench_json: dict[str, Any]) -> None:
     assert bench_json["schema"] == SCHEMA
     assert set(bench_json["parts"]) == set(PARTS)
     assert bench_json["parts"]["exchange"]["status"] == "ok"
@@ -32,7 +34,7 @@ def test_bench_json_has_every_part_with_status_and_reason(bench_json: dict) -> N
     assert bench_json["machine"]["cpus"] >= 1
 
 
-def test_exchange_part_measured_frames_delays_and_goals(bench_json: dict) -> None:
+def test_exchange_part_measured_frames_delays_and_goals(bench_json: dict[str, Any]) -> None:
     part = bench_json["parts"]["exchange"]
     one, paced = part["raw"]["one_connection"], part["raw"]["paced_one"]
     assert one["total_fps"] > 1000 and sum(one["frames_per_connection"]) > 0
@@ -54,7 +56,7 @@ def test_goal_verdicts_follow_their_direction() -> None:
     assert "1.22x" in Goal("e", "frames/s one conn", 24_300, 20_000, "frames/s", "min").line()
 
 
-def test_readme_table_is_replaced_between_its_markers(bench_json: dict, tmp_path: Path) -> None:
+def test_readme_table_is_replaced_between_its_markers(bench_json: dict[str, Any], tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# Bench\n\n{TABLE_START}\nold table\n{TABLE_END}\n\nafter\n")
     update_readme(readme, bench_json)

@@ -3,20 +3,26 @@ failure, injected the way it happens in production, fails the right check with t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.canary_support import (
-    CanaryRun, assert_no_secrets, calm_strategy, run_canary_cli, webhook_server, write_env_file, write_toml,
-)
 from canary.checks import audit_entries
 from harness.environment import QuantLabEnvironment
+from quantlab_chaos.runbook import Runbook
 from quantlab_chaos.waiting import eventually
-from harness.runbook import Runbook
+from tests.canary_support import (
+    CanaryRun,
+    assert_no_secrets,
+    calm_strategy,
+    run_canary_cli,
+    webhook_server,
+    write_env_file,
+    write_toml,
+)
 
 LIVE_CHECKS = {"canary_pass", "archive", "canary_run", "audit"}
 ALL_CHECKS = {"observer_auth", "runs_listing", "health_fields", "config_check", "self_test"} | LIVE_CHECKS
@@ -63,11 +69,13 @@ def start_live_runner(quantlab: QuantLabEnvironment) -> str:
     """The live runner service's own long run, which the canary must never touch; returns its id."""
     quantlab.start("live")
     assert eventually(lambda: quantlab.observer("GET", "/observer/health").json().get("ws_connected") is True, timeout=20)
-    return next(r["live_run_id"] for r in quantlab.observer("GET", "/observer/runs").json()["runs"] if r["status"] == "RUNNING")
+    runs = quantlab.observer("GET", "/observer/runs").json()["runs"]
+    run_id: str = next(r["live_run_id"] for r in runs if r["status"] == "RUNNING")
+    return run_id
 
 
 def test_every_check_passes_against_the_twin(quantlab: QuantLabEnvironment, tmp_path: Path,
-                                            record_property: pytest.RecordProperty) -> None:
+                                            record_property: Callable[[str, object], None]) -> None:
     quantlab.start("observer")
     service_run = start_live_runner(quantlab)
     prom = tmp_path / "quantlab_canary.prom"

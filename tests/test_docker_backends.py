@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quantlab_chaos.errors import MissingToolError
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import MinioS3
 from harness.fakes.toxiproxy import CONTAINER_HOST_ALIAS, ToxiproxyServer, host_network_usable
 from harness.target import PROJECT_ROOT
+from quantlab_chaos.errors import MissingToolError
 
 DOCKER, WHY_NOT = docker_status()
 needs_docker = pytest.mark.skipif(not DOCKER, reason=WHY_NOT)
@@ -46,7 +46,7 @@ def test_scenarios_pass_on_minio_and_the_toxiproxy_container(tmp_path: Path) -> 
 
 
 class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = b"hello"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -111,7 +111,8 @@ def test_without_docker_the_cli_refuses_and_says_what_to_do(option: list[str], t
 
 @pytest.mark.skipif(DOCKER, reason="Docker answers here; the container starts instead")
 def test_without_docker_the_container_backend_says_what_to_do() -> None:
-    with pytest.raises(MissingToolError, match=r"needs Docker, but no Docker engine answers here .* use --toxiproxy-backend binary"):
+    with pytest.raises(MissingToolError,
+                       match=r"needs Docker, but no Docker engine answers here .* use --toxiproxy-backend binary"):
         with ToxiproxyServer(backend="container"):
             pass
 

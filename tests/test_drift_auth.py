@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-from harness.runbook import Runbook, load_runbook
 from harness.target import PROJECT_ROOT
+from quantlab_chaos.runbook import Runbook, Source, load_runbook
 from tests.twin_copy import twin_copy
 
 SCENARIOS = PROJECT_ROOT / "harness" / "scenarios"
@@ -35,11 +34,11 @@ def runbook_of(copy: Path) -> Runbook:
     return load_runbook(copy / "docs" / "runbook.md")
 
 
-def assert_fails_naming(result: subprocess.CompletedProcess[str], *sources: object) -> None:
+def assert_fails_naming(result: subprocess.CompletedProcess[str], *sources: Source) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1, f"the scenario did not fail (exit {result.returncode}):\n{output[-3000:]}"
     for source in sources:
-        line = f"runbook line {source.line}"  # type: ignore[attr-defined]
+        line = f"runbook line {source.line}"
         assert line in output, f"the failure does not name {line}:\n{output[-3000:]}"
 
 
@@ -75,6 +74,7 @@ def test_kill_switch_and_break_glass_stop_fail_when_the_stop_route_stops_nothing
     result = run_scenarios(copy, str(SCENARIOS / "test_kill_switch.py"),
                            f"{SCENARIOS / 'test_break_glass.py'}::test_stop_live_runs", stop_first=False)
     runbook = runbook_of(copy)
+    assert runbook.kill_switch is not None, "the twin's runbook documents a kill switch"
     assert_fails_naming(result, runbook.kill_switch.source, runbook.break_glass_step("stop-live-runs").source)
     assert "2 failed" in result.stdout and "still RUNNING" in result.stdout
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.runbook import Runbook, Source, load_runbook
 from harness.target import PROJECT_ROOT
+from quantlab_chaos.runbook import Runbook, Source, load_runbook
 from tests.twin_copy import twin_copy
 
 SCENARIOS = PROJECT_ROOT / "harness" / "scenarios"
@@ -43,7 +43,8 @@ def assert_fails_naming(result: subprocess.CompletedProcess[str], source: Source
 
 def test_budget_scenario_fails_when_the_manifest_hides_a_budget_stop(tmp_path: Path) -> None:
     copy = twin_copy(tmp_path / "ql", {LIVE_RUN: (MANIFEST_STOP, MANIFEST_STOP.replace(
-        "stop_reason: this.stopReason,", "stop_reason: this.stopReason === 'BUDGET_EXCEEDED' ? 'STREAM_END' : this.stopReason,"))})
+        "stop_reason: this.stopReason,",
+        "stop_reason: this.stopReason === 'BUDGET_EXCEEDED' ? 'STREAM_END' : this.stopReason,"))})
     result = run_scenario(copy, f"{BUDGETS}::test_budget_max_duration_stops_the_run")
     assert_fails_naming(result, runbook_of(copy).failure("budget-guard-stops").symptom_source,
                         "manifest.json has stop_reason STREAM_END")

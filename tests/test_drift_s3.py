@@ -10,12 +10,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from harness.runbook import Runbook, load_runbook
 from harness.scenarios.test_self_test import _exit_codes as exit_codes
 from harness.target import TWIN_ROOT
+from quantlab_chaos.runbook import Runbook, load_runbook
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = PROJECT_ROOT / "harness" / "scenarios"
@@ -99,7 +100,7 @@ S3_ITEM = "failure:s3-archive-unreachable"
 CLI = str(Path(sys.executable).with_name("quantlab-chaos"))
 
 
-def _run_item(copy: Path, reports: Path, selection: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+def _run_item(copy: Path, reports: Path, selection: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """`quantlab-chaos run` of the S3 item's scenarios matching `selection` against `copy`; its summary.json."""
     argv = [CLI, "run", "--quantlab-root", str(copy), "--only", S3_ITEM, "-n", "0", "--reports", str(reports),
             "--pytest-arg=-k", f"--pytest-arg={selection}"]

@@ -9,21 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from harness.environment import QuantLabEnvironment
-from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import FakeBinance
 from harness.fakes.s3 import S3Server
 from harness.fakes.toxiproxy import ToxiproxyServer
 from harness.target import TWIN_ROOT, Target
+from quantlab_chaos.errors import ConfigError
 
 ARCHIVE_OBJECTS = ("manifest.json", "decisions.jsonl", "stats.json")
 
 
-def canary(env: QuantLabEnvironment, seconds: int = 2, *extra: str) -> tuple[int | None, dict]:
+def canary(env: QuantLabEnvironment, seconds: int = 2, *extra: str) -> tuple[int | None, dict[str, Any]]:
     result = env.run_node(
         "tools/run-canary-live.js", "--exchange", "binance", "--symbols", "BTCUSDT,ETHUSDT",
         "--strategy", str(env.strategy("steady")), "--dataset-parquet", "live", "--dataset-meta", "live",
@@ -42,7 +43,7 @@ def test_live_canary_passes_through_toxiproxy_with_services_from_units(quantlab:
     prefix = f"replay_runs/replay_run_id={run_id}/"
     assert sorted(quantlab.bucket.list_keys(prefix)) == sorted(prefix + name for name in ARCHIVE_OBJECTS)
     assert quantlab.bucket.list_keys("audit/"), "audit copies belong in the bucket too"
-    spool_lines = [json.loads(l) for f in quantlab.audit_dir.rglob("*.jsonl") for l in f.read_text().splitlines()]
+    spool_lines = [json.loads(row) for f in quantlab.audit_dir.rglob("*.jsonl") for row in f.read_text().splitlines()]
     assert {"RUN_START", "RUN_STOP"} <= {entry["action"] for entry in spool_lines if entry["target_id"] == run_id}
     connections = quantlab.exchange.record().connections
     assert connections and connections[0].frames_sent > 0
@@ -109,8 +110,9 @@ def test_a_copy_of_the_twin_elsewhere_works_unchanged(tmp_path: Path, s3_server:
         assert env.observer("GET", "/observer/health").status_code == 200
         code, line = canary(env)
         assert code == 0 and line["status"] == "PASS", line
-        assert env.wiring("observer").spec is not None
-        assert str(copy.resolve()) in " ".join(env.wiring("observer").spec.exec_start[0].argv)
+        spec = env.wiring("observer").spec
+        assert spec is not None
+        assert str(copy.resolve()) in " ".join(spec.exec_start[0].argv)
 
 
 def test_target_layout_errors_say_what_to_do(tmp_path: Path) -> None:
@@ -126,6 +128,7 @@ def test_env_up_boots_prints_endpoints_and_tears_down(tmp_path: Path) -> None:
     cli = Path(sys.executable).with_name("quantlab-chaos")
     process = subprocess.Popen([str(cli), "env", "up", "--service", "observer"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout is not None and process.stderr is not None  # both PIPE
     try:
         text = ""
         deadline = time.monotonic() + 60

@@ -11,20 +11,30 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
-from quantlab_chaos.errors import HarnessError
+from harness import reporting
 from harness.experiment import (
-    Action, Clock, Experiment, ExperimentDeviated, ExperimentError, Observation, Probe, command_observation, equals,
+    Action,
+    Clock,
+    Experiment,
+    ExperimentDeviated,
+    ExperimentError,
+    Observation,
+    Probe,
+    command_observation,
+    equals,
     holds,
 )
 from harness.journal import Journal
 from harness.outcomes import BLOCKED, ERROR, FAIL, PASS, SteadyStateNotReached, classify, exit_code
-from harness import reporting
 from harness.reporting import ItemSummary
-from harness.runbook import RunbookItem, Source
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.runbook import RunbookItem, Source
 
 ITEM = RunbookItem("failure:test", "Most Common Failures", "Test failure", Source(40, "Test failure"))
 SYMPTOM_LINE = Source(41, "   - Symptom: the thing fails.")
@@ -69,8 +79,21 @@ def journal(clock: FakeClock) -> Journal:
     return entry
 
 
-def experiment(system: System, *, deadline: float = 5.0, **overrides: object) -> Experiment:
-    parts: dict[str, object] = {
+class Parts(TypedDict, total=False):
+    """The phases `experiment` takes, as Experiment names them."""
+
+    steady_state: Sequence[Probe]
+    setup: Sequence[Action | Probe]
+    checks: Sequence[Probe | Action]
+    fault: Sequence[Action]
+    symptom: Sequence[Probe]
+    fix: Sequence[Action]
+    recovery: Sequence[Probe]
+    rollbacks: Sequence[Action]
+
+
+def experiment(system: System, *, deadline: float = 5.0, **overrides: Unpack[Parts]) -> Experiment:
+    parts: Parts = {
         "steady_state": [Probe("the thing", system.looks_healthy, holds("the thing works"))],
         "fault": [Action("break the thing", lambda: system.set(False))],
         "symptom": [Probe("the thing", lambda: not system.looks_healthy(), holds("the thing fails", SYMPTOM_LINE),
@@ -81,7 +104,7 @@ def experiment(system: System, *, deadline: float = 5.0, **overrides: object) ->
         "rollbacks": [Action("undo", lambda: system.rolled_back.append("undo"))],
     }
     parts.update(overrides)
-    return Experiment("test", **parts)  # type: ignore[arg-type]
+    return Experiment("test", **parts)
 
 
 def test_a_system_that_does_what_the_runbook_says_passes_and_times_come_from_polling() -> None:
@@ -111,11 +134,15 @@ def test_time_to_detect_moves_when_the_system_reacts_more_slowly() -> None:
 def test_a_symptom_that_never_shows_fails_at_its_deadline_with_the_runbook_line_and_recovery_is_still_tried() -> None:
     clock = FakeClock()
     system = System(clock)
-    recovery_tried = []
+    recovery_tried: list[int] = []
+
+    def recovered() -> bool:
+        recovery_tried.append(1)
+        return True
+
     never = experiment(system, symptom=[Probe("the thing", lambda: False, holds("the thing fails", SYMPTOM_LINE),
                                               deadline_s=3.0)],
-                       recovery=[Probe("the thing", lambda: recovery_tried.append(1) or True,
-                                       holds("after the fix the thing works", FIX_LINE))])
+                       recovery=[Probe("the thing", recovered, holds("after the fix the thing works", FIX_LINE))])
     entry = journal(clock)
     with pytest.raises(ExperimentDeviated) as caught:
         entry.run(never)
@@ -244,10 +271,10 @@ def test_contexts_entered_during_the_run_are_left_with_the_rollbacks() -> None:
     from contextlib import contextmanager
 
     clock = FakeClock()
-    left = []
+    left: list[str] = []
 
     @contextmanager
-    def live_run():  # type: ignore[no-untyped-def]
+    def live_run() -> Iterator[str]:
         try:
             yield "run-1"
         finally:
@@ -262,7 +289,7 @@ def test_contexts_entered_during_the_run_are_left_with_the_rollbacks() -> None:
 
 
 def test_a_setup_step_that_fails_blocks_on_the_item_it_needs() -> None:
-    from harness.services import ServiceFailed
+    from harness.sysd.status import ServiceFailed
 
     clock = FakeClock()
 
@@ -276,15 +303,19 @@ def test_a_setup_step_that_fails_blocks_on_the_item_it_needs() -> None:
 
 def test_a_fault_the_system_refuses_is_a_deviation_and_its_symptom_is_not_judged() -> None:
     clock = FakeClock()
-    judged = []
+    judged: list[int] = []
 
     def refuse() -> None:
         raise AssertionError("the live runner unit has no EnvironmentFile=")
 
+    def judge() -> bool:
+        judged.append(1)
+        return True
+
     entry = journal(clock)
     with pytest.raises(ExperimentDeviated) as caught:
         entry.run(experiment(System(clock), fault=[Action("THING=0 in the env file", refuse)],
-                             symptom=[Probe("x", lambda: judged.append(1) or True, holds("the thing fails"))]))
+                             symptom=[Probe("x", judge, holds("the thing fails"))]))
     assert not judged
     assert caught.value.deviations[0].phase == "fault"
     assert "no EnvironmentFile" in str(caught.value)
@@ -298,7 +329,7 @@ def test_a_fault_the_system_refuses_is_a_deviation_and_its_symptom_is_not_judged
     ({"fault": [], "fix": []}, "symptom probes but applies no fault"),
     ({"symptom": [Probe("x", lambda: True, holds("y"), interval_s=0)]}, "interval 0 s"),
 ])
-def test_an_experiment_that_observes_nothing_is_refused_when_built(parts: dict[str, object], refusal: str) -> None:
+def test_an_experiment_that_observes_nothing_is_refused_when_built(parts: Parts, refusal: str) -> None:
     with pytest.raises(ExperimentError, match=refusal):
         experiment(System(FakeClock()), **parts)
 
@@ -374,8 +405,8 @@ class Report:
 ])
 def test_a_tests_outcome_is_the_worst_of_its_phases(phases: list[str], expected: str) -> None:
     outcome = reporting.TestOutcome("t::x", ITEM.id)
-    for when, phase in zip(("setup", "call", "teardown"), phases):
-        outcome.note(Report(phase, f"{phase} in {when}", when=when))  # type: ignore[arg-type]
+    for when, phase in zip(("setup", "call", "teardown"), phases, strict=False):
+        outcome.note(Report(phase, f"{phase} in {when}", when=when))  # type: ignore[arg-type]  # a stand-in TestReport
     assert outcome.outcome == expected
 
 
@@ -393,7 +424,8 @@ def test_an_items_outcome_and_the_exit_code_it_leads_to(tests: list[str], drift:
     summary = ItemSummary(ITEM, drift=list(drift))
     for index, outcome in enumerate(tests):
         test = reporting.TestOutcome(f"t::x{index}", ITEM.id)
-        test.note(Report(outcome, f"{outcome} here", blocked_by="canary" if outcome == BLOCKED else None))  # type: ignore[arg-type]
+        blocked_by = "canary" if outcome == BLOCKED else None
+        test.note(Report(outcome, f"{outcome} here", blocked_by=blocked_by))  # type: ignore[arg-type]  # a stand-in TestReport
         summary.tests.append(test)
     outcome, message, blocked_by = summary.verdict()
     assert outcome == expected
@@ -409,7 +441,7 @@ SIGINT_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from harness.experiment import Action, Experiment, Probe, holds
     from harness.journal import Journal
-    from harness.runbook import RunbookItem, Source
+    from quantlab_chaos.runbook import RunbookItem, Source
 
     marker = Path(sys.argv[1])
     entry = Journal(RunbookItem("failure:test", "s", "t", Source(1, "t")))
@@ -431,6 +463,7 @@ def test_a_rollback_runs_after_sigint(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(marker)], cwd=root,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stderr is not None  # stderr=PIPE
     try:
         deadline = time.monotonic() + 30
         while not marker.with_suffix(".waiting").exists() and time.monotonic() < deadline:
@@ -483,7 +516,7 @@ def test_beyond_the_runbook_a_defect_fails_its_row_unless_accepted_by_name(tmp_p
     assert row["outcome"] == PASS
     assert row["findings"][0]["accepted"] == {"by": ".quantlab-chaos.toml line 5", "reason": "OPS-42"}
     hostile = reporting.TestOutcome("t::junk", "beyond:hostile-exchange")
-    hostile.note(Report(FAIL, "the run counted a repeated frame twice"))  # type: ignore[arg-type]
+    hostile.note(Report(FAIL, "the run counted a repeated frame twice"))  # type: ignore[arg-type]  # a stand-in TestReport
     row = _beyond_row("beyond:hostile-exchange", "h", [hostile], [], {})
     assert row["outcome"] == FAIL and "counted a repeated frame twice" in row["message"]
     assert exit_code([PASS, row["outcome"]]) == 1
@@ -499,8 +532,8 @@ def test_an_acceptance_without_a_reason_is_refused_with_what_to_write(tmp_path: 
 
 def test_a_probe_in_the_setup_is_judged_before_the_step_that_needs_it_and_blocks() -> None:
     clock = FakeClock()
-    started = []
-    setup = [Probe("a healthy canary", lambda: False, holds("a canary passes"), blocks="canary"),
+    started: list[str] = []
+    setup: list[Probe | Action] = [Probe("a healthy canary", lambda: False, holds("a canary passes"), blocks="canary"),
              Action("a live run", lambda: started.append("live run"))]
     with pytest.raises(SteadyStateNotReached) as caught:
         journal(clock).run(experiment(System(clock), setup=setup))
@@ -508,7 +541,7 @@ def test_a_probe_in_the_setup_is_judged_before_the_step_that_needs_it_and_blocks
 
 
 def test_an_action_among_the_checks_is_a_step_whose_effect_the_next_probes_judge() -> None:
-    from harness.services import ServiceFailed
+    from harness.sysd.status import ServiceFailed
 
     clock = FakeClock()
     unit = {"active": True}
@@ -516,7 +549,7 @@ def test_an_action_among_the_checks_is_a_step_whose_effect_the_next_probes_judge
     def restart() -> None:
         raise ServiceFailed("quantlab-worker.service did not come back: exit 1")
 
-    checks = [Action("systemctl stop quantlab-worker", lambda: unit.update(active=False)),
+    checks: list[Probe | Action] = [Action("systemctl stop quantlab-worker", lambda: unit.update(active=False)),
               Probe("the process table", lambda: not unit["active"], holds("stop leaves no process", SYMPTOM_LINE)),
               Action("systemctl restart quantlab-worker", restart, source=FIX_LINE),
               Probe("the unit", lambda: unit["active"], holds("restart leaves it active", FIX_LINE))]

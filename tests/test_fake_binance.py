@@ -17,8 +17,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import FakeBinance, parse_stream_name, streams_for
+from quantlab_chaos.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,16 +42,16 @@ def open_ws(url: str) -> ClientConnection:
 
 
 def recv_n(ws: ClientConnection, n: int, timeout: float = 5.0) -> list[str]:
-    return [ws.recv(timeout=timeout) for _ in range(n)]
+    return [ws.recv(timeout=timeout, decode=True) for _ in range(n)]
 
 
 def recv_for(ws: ClientConnection, seconds: float) -> list[tuple[float, str]]:
     """(arrival time, text) of every frame received during `seconds`."""
-    frames = []
+    frames: list[tuple[float, str]] = []
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
-            frames.append((time.monotonic(), ws.recv(timeout=left)))
+            frames.append((time.monotonic(), ws.recv(timeout=left, decode=True)))
         except TimeoutError:
             break
     return frames
@@ -63,7 +63,7 @@ def recv_until(ws: ClientConnection, done: Callable[[list[str]], bool], timeout:
     while not done(frames):
         left = deadline - time.monotonic()
         assert left > 0, f"condition not met within {timeout} s after {len(frames)} frames"
-        frames.append(ws.recv(timeout=left))
+        frames.append(ws.recv(timeout=left, decode=True))
     return frames
 
 
@@ -72,7 +72,7 @@ def request(ws: ClientConnection, body: Any) -> dict[str, Any]:
     ws.send(body if isinstance(body, str) else json.dumps(body))
     deadline = time.monotonic() + 5
     while True:
-        message = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        message: dict[str, Any] = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
         if "result" in message or "error" in message:
             return message
 
@@ -125,14 +125,16 @@ def test_combined_stream_payloads_have_binance_fields_and_types(fake: FakeBinanc
     streams = [*BTC, "btcusdt@markPrice@1s"]
     with open_ws(fake.combined_url(streams)) as ws:
         frames = recv_until(ws, lambda fs: any("markPrice" in f for f in fs) and len(fs) >= 20)
-    seen = collections.Counter()
+    seen: collections.Counter[str] = collections.Counter()
     for text in frames:
         frame = json.loads(text)
         assert list(frame) == ["stream", "data"]
         stream, data = frame["stream"], frame["data"]
         seen[stream] += 1
-        {"btcusdt@bookTicker": check_book_ticker, "btcusdt@aggTrade": check_agg_trade,
-         "btcusdt@markPrice@1s": lambda d: check_mark_price(d, "BTCUSDT")}[stream](data)
+        checks: dict[str, Callable[[dict[str, Any]], None]] = {
+            "btcusdt@bookTicker": check_book_ticker, "btcusdt@aggTrade": check_agg_trade,
+            "btcusdt@markPrice@1s": lambda d: check_mark_price(d, "BTCUSDT")}
+        checks[stream](data)
     assert set(seen) == set(streams)
     assert seen["btcusdt@bookTicker"] > seen["btcusdt@aggTrade"]  # the book moves more often than trades print
 
@@ -147,7 +149,7 @@ def test_mark_price_streams_follow_their_cadence(fake: FakeBinance) -> None:
         by_stream[stream].append(data)
     one_second = [d["E"] for d in by_stream["ethusdt@markPrice@1s"]]
     three_seconds = [d["E"] for d in by_stream["ethusdt@markPrice"]]
-    assert len(one_second) >= 3 and all(b - a == 1000 for a, b in zip(one_second, one_second[1:]))
+    assert len(one_second) >= 3 and all(b - a == 1000 for a, b in zip(one_second, one_second[1:], strict=False))
     assert 1 <= len(three_seconds) <= 2 and all(e % 3000 == 0 for e in three_seconds)
 
 
@@ -170,8 +172,8 @@ def test_update_and_trade_ids_increase(fake: FakeBinance) -> None:
         frames = [data_of(text) for text in recv_n(ws, 200)]
     updates = [d["u"] for s, d in frames if s == "btcusdt@bookTicker"]
     trades = [d for s, d in frames if s == "btcusdt@aggTrade"]
-    assert all(a < b for a, b in zip(updates, updates[1:]))
-    assert all(b["a"] == a["a"] + 1 and b["f"] == a["l"] + 1 for a, b in zip(trades, trades[1:]))
+    assert all(a < b for a, b in zip(updates, updates[1:], strict=False))
+    assert all(b["a"] == a["a"] + 1 and b["f"] == a["l"] + 1 for a, b in zip(trades, trades[1:], strict=False))
 
 
 def test_same_seed_gives_the_same_market_and_another_seed_does_not() -> None:
@@ -286,7 +288,7 @@ def test_ideal_times_strictly_increase_across_everything() -> None:
             [*BTC_ETH, "btcusdt@markPrice@1s"])) as ws:
         times = _times(recv_n(ws, 2400))
     events = [event for _, event, _ in times]
-    assert all(a < b for a, b in zip(events, events[1:]))
+    assert all(a < b for a, b in zip(events, events[1:], strict=False))
     assert all(trade == event for _, event, trade in times if trade is not None)
     assert any("markPrice" in stream for stream, _, _ in times)
 
@@ -357,7 +359,7 @@ def test_duplicate_next_sends_frames_twice(fake: FakeBinance) -> None:
         ws.recv(timeout=5)
         assert fake.duplicate_next(5) == 1
         frames = recv_n(ws, 60)
-    assert sum(a == b for a, b in zip(frames, frames[1:])) == 5
+    assert sum(a == b for a, b in zip(frames, frames[1:], strict=False)) == 5
     assert fake.record().connections[0].duplicates_sent == 5
 
 
@@ -430,7 +432,8 @@ def test_record_tracks_connections_frames_and_faults() -> None:
     first, second = record.connections
     assert (first.path, first.combined, first.requested_streams) == ("/stream", True, tuple(BTC))
     assert first.subscriptions == (*BTC, "ethusdt@bookTicker")
-    assert first.closed_by == "client" and first.close_code == 1000 and first.opened_at <= first.closed_at
+    assert first.closed_by == "client" and first.close_code == 1000
+    assert first.closed_at is not None and first.opened_at <= first.closed_at
     assert (second.path, second.combined, second.closed_by) == ("/ws/ethusdt@aggTrade", False, "drop")
     assert first.frames_sent >= 200 and sum(first.frames_by_stream.values()) == first.frames_sent
     assert record.frames_sent == first.frames_sent + second.frames_sent
@@ -473,7 +476,8 @@ def test_main_serves_until_sigterm() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert proc.stdout is not None  # stdout=PIPE
+        line = proc.stdout.readline()
         started = json.loads(line)
         assert started["status"] == "listening" and re.fullmatch(r"ws://127\.0\.0\.1:\d+", started["url"])
         assert started["port"] > 0

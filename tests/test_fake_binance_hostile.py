@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from quantlab_chaos.errors import ConfigError
 from harness.fakes.binance import HUGE_FRAME_BYTES, MALFORMED_KINDS, DelayStats, FakeBinance, Record, streams_for
+from quantlab_chaos.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,10 +31,10 @@ def open_ws(url: str) -> ClientConnection:
 def receive_all(ws: ClientConnection, fake: FakeBinance, quiet: float = 0.5) -> list[str]:
     """Stalls the fake and returns every frame received until `quiet` seconds pass without one."""
     fake.stall()
-    frames = []
+    frames: list[str] = []
     while True:
         try:
-            frames.append(ws.recv(timeout=quiet))
+            frames.append(ws.recv(timeout=quiet, decode=True))
         except TimeoutError:
             return frames
 
@@ -61,7 +61,7 @@ def exchange_id(text: str) -> tuple[str, Any] | None:
 def test_huge_frame_is_several_megabytes_of_valid_json_without_an_event(fake: FakeBinance) -> None:
     assert "huge" in MALFORMED_KINDS
     with open_ws(fake.combined_url(BTC)) as ws:
-        frames = [ws.recv(timeout=5)]
+        frames = [ws.recv(timeout=5, decode=True)]
         assert fake.send_malformed("huge") == 1
         frames += receive_all(ws, fake)
     huge = [f for f in frames if len(f) > 1_000_000]
@@ -76,7 +76,7 @@ def test_huge_frame_is_several_megabytes_of_valid_json_without_an_event(fake: Fa
 
 def test_resend_recent_sends_earlier_frames_again_and_counts_them_as_duplicates(fake: FakeBinance) -> None:
     with open_ws(fake.combined_url(BTC)) as ws:
-        frames = [ws.recv(timeout=5) for _ in range(20)]
+        frames = [ws.recv(timeout=5, decode=True) for _ in range(20)]
         assert fake.resend_recent(5) == 5
         frames += receive_all(ws, fake)
     record = fake.record()
@@ -97,13 +97,13 @@ def test_resend_recent_sends_earlier_frames_again_and_counts_them_as_duplicates(
 
 def test_duplicate_next_is_counted_per_stream(fake: FakeBinance) -> None:
     with open_ws(fake.combined_url(BTC)) as ws:
-        frames = [ws.recv(timeout=5)]
+        frames = [ws.recv(timeout=5, decode=True)]
         fake.duplicate_next(6)
         fake.wait_for(lambda r: r.connections[0].duplicates_sent == 6, timeout=5, what="six duplicates")
         frames += receive_all(ws, fake)
     record = fake.record()
     by_stream: dict[str, int] = {}
-    for a, b in zip(frames, frames[1:]):
+    for a, b in zip(frames, frames[1:], strict=False):
         if a == b:
             name = json.loads(a)["stream"]
             by_stream[name] = by_stream.get(name, 0) + 1
@@ -114,7 +114,7 @@ def test_duplicate_next_is_counted_per_stream(fake: FakeBinance) -> None:
 def test_out_of_order_events_are_new_and_older_than_their_stream(fake: FakeBinance) -> None:
     stream = BTC[1]  # btcusdt@aggTrade
     with open_ws(fake.combined_url(BTC)) as ws:
-        frames = [ws.recv(timeout=5) for _ in range(20)]
+        frames = [ws.recv(timeout=5, decode=True) for _ in range(20)]
         assert fake.send_out_of_order(count=2, age_ms=500, stream=stream) == 2
         frames += receive_all(ws, fake)
     trades = [json.loads(f)["data"] for f in frames if json.loads(f)["stream"] == stream]
@@ -132,13 +132,13 @@ def test_out_of_order_events_are_new_and_older_than_their_stream(fake: FakeBinan
 
 def test_out_of_order_defaults_to_the_first_realtime_stream_and_checks_arguments(fake: FakeBinance) -> None:
     with open_ws(fake.combined_url(BTC)) as ws:
-        frames = [ws.recv(timeout=5)]
+        frames = [ws.recv(timeout=5, decode=True)]
         assert fake.send_out_of_order() == 1
         frames += receive_all(ws, fake)
     assert any(json.loads(f)["stream"] == BTC[0] for f in frames)
     for bad in ({"count": 0}, {"age_ms": 0}, {"age_ms": 1.5}, {"stream": "not a stream"}):
         with pytest.raises(ConfigError):
-            fake.send_out_of_order(**bad)  # type: ignore[arg-type]
+            fake.send_out_of_order(**bad)
 
 
 def test_record_defaults_keep_older_constructions_valid() -> None:

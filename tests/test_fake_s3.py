@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from quantlab_chaos.errors import ConfigError, UnreachableError
 from harness.fakes.docker import docker_status
 from harness.fakes.s3 import ExternalS3, MinioS3, MotoS3, open_s3, temporary_bucket
+from quantlab_chaos.errors import ConfigError, UnreachableError
 
 
 def test_moto_serves_s3_over_http_with_bucket_helpers() -> None:
@@ -20,7 +20,8 @@ def test_moto_serves_s3_over_http_with_bucket_helpers() -> None:
                 "RUN_START",
                 "RUN_STOP",
             ]
-            assert bucket.head("replay_runs/replay_run_id=r1/manifest.json")["ContentLength"] > 0
+            head = bucket.head("replay_runs/replay_run_id=r1/manifest.json")
+            assert head is not None and head["ContentLength"] > 0
             assert bucket.head("replay_runs/replay_run_id=missing/manifest.json") is None
             assert set(bucket.snapshot()) == set(bucket.list_keys())
             name = bucket.name

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import select
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from quantlab_chaos.errors import HarnessError
 from harness.isolation import (
     NetworkIsolation,
     PortLocks,
@@ -26,6 +26,7 @@ from harness.isolation import (
     run_isolation,
 )
 from harness.ports import free_port
+from quantlab_chaos.errors import HarnessError
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 30.0
@@ -77,16 +78,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def run_child(code: str, *args: str, **env: str) -> dict:
+def run_child(code: str, *args: str, **env: str) -> dict[str, Any]:
     """Runs a short Python child to its end (bounded) and returns the JSON on its last stdout line."""
     done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code), *args], cwd=PROJECT,
                           env=child_env(**env), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     assert done.returncode == 0, f"child failed ({done.returncode}): {done.stderr}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
 
 
 @contextmanager
-def held_child(code: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], dict]]:
+def held_child(code: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     """A child that reports one JSON line, then waits until its stdin closes; always stopped at the end."""
     child = subprocess.Popen([sys.executable, "-c", code, *args], cwd=PROJECT, env=child_env(), text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -102,7 +104,7 @@ def held_child(code: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], d
             child.wait(timeout=CHILD_TIMEOUT_S)
 
 
-def read_line(child: subprocess.Popen[str], timeout: float) -> dict:
+def read_line(child: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     assert child.stdout is not None
     ready, _, _ = select.select([child.stdout], [], [], timeout)
     if not ready:
@@ -112,7 +114,8 @@ def read_line(child: subprocess.Popen[str], timeout: float) -> dict:
         child.wait(timeout=CHILD_TIMEOUT_S)
         stderr = child.stderr.read() if child.stderr else ""
         pytest.fail(f"child exited ({child.returncode}) before reporting: {stderr}")
-    return json.loads(line)
+    report: dict[str, Any] = json.loads(line)
+    return report
 
 
 @pytest.fixture(scope="module")

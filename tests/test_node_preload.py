@@ -38,6 +38,7 @@ ws.onerror = () => { console.log('ERROR global'); };
 @pytest.fixture()
 def exchange() -> Iterator[str]:
     def greet(connection: ServerConnection) -> None:
+        assert connection.request is not None  # the handler runs after the opening handshake
         connection.send(f"hello {connection.request.path}")
 
     with serve(greet, "127.0.0.1", 0) as server:

@@ -6,15 +6,25 @@ from pathlib import Path
 import pytest
 
 from canary.checks import TargetUnreachable
-from quantlab_chaos.errors import MissingToolError
 from harness.journal import RunbookViolation
 from harness.outcomes import (
-    BLOCKED, DRIFT, ERROR, FAIL, PASS, SKIPPED, DriftFound, SteadyStateNotReached, classify, exit_code, one_sentence,
+    BLOCKED,
+    DRIFT,
+    ERROR,
+    FAIL,
+    PASS,
+    SKIPPED,
+    DriftFound,
+    SteadyStateNotReached,
+    classify,
+    exit_code,
+    one_sentence,
     worst,
 )
 from harness.reporting import ItemSummary, _junit_address, junit_errors
 from harness.reporting import TestOutcome as ScenarioOutcome
-from harness.runbook import RunbookItem, Source
+from quantlab_chaos.errors import MissingToolError
+from quantlab_chaos.runbook import RunbookItem, Source
 
 
 @pytest.mark.parametrize(("exc", "outcome"), [

@@ -9,6 +9,7 @@ sockets until a deadline.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -20,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
-from harness.readiness import listening_ports
 import pytest
 
 from harness import reaper
+from harness.readiness import listening_ports
 
 PROJECT = Path(__file__).resolve().parents[1]
 SCENARIO = PROJECT / "tests" / "hygiene_scenario.py"
@@ -74,7 +74,7 @@ def runs() -> Iterator[list[Run]]:
         (run.folder / "release").touch()
         for proc in _members(run):
             _quietly(proc.kill)
-        _quietly(lambda: os.killpg(run.process.pid, signal.SIGKILL))
+        _quietly(functools.partial(os.killpg, run.process.pid, signal.SIGKILL))
         run.process.wait(timeout=10)
 
 
@@ -146,10 +146,7 @@ def wait_up(run: Run, ready: int, *, also: str = "") -> list[psutil.Process]:
         assert run.process.poll() is None, \
             f"the run ended before it was up (exit {run.process.returncode}):\n{run.output()}"
         members = _members(run)
-        if also:
-            up = any(also in _command(proc) for proc in members)
-        else:
-            up = len(list(run.folder.glob("ready-*"))) >= ready
+        up = any(also in _command(proc) for proc in members) if also else len(list(run.folder.glob("ready-*"))) >= ready
         if up:
             return members
         assert time.monotonic() < deadline, f"the run was not up within {UP_TIMEOUT_S:.0f} s:\n{run.output()}"
@@ -209,7 +206,7 @@ def test_nothing_survives_a_signal_to_pytest(tmp_path: Path, runs: list[Run], wo
     ports = _listening(members)
     assert_whole_run_up(members, ports, workers)
     os.kill(run.process.pid, sig)
-    assert_all_gone(run, members, ports, f"after {sig.name} to pytest ({'-n %d' % workers if workers else 'serial'})")
+    assert_all_gone(run, members, ports, f"after {sig.name} to pytest ({f'-n {workers}' if workers else 'serial'})")
     run.process.wait(timeout=10)
 
 

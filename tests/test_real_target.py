@@ -20,6 +20,7 @@ from tests.real_target import (
     PROJECT,
     RUN_TIMEOUT_S,
     TARGETS,
+    Difference,
     ExpectationsError,
     archive_name,
     archives,
@@ -59,7 +60,7 @@ KILL_OK = ("kill-switch", "blocked", "[blocked] steady state not reached: no liv
 MATCHING = summary(HEALTH_OK, KILL_OK)
 
 
-def problems(differences: list) -> dict[str, str]:
+def problems(differences: list[Difference]) -> dict[str, str]:
     return {d.item: d.problem for d in differences}
 
 

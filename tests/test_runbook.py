@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from quantlab_chaos.errors import ConfigError
-from harness.runbook import extract_identifiers, load_runbook, parse_runbook
 from harness.target import TWIN_ROOT
+from quantlab_chaos.errors import ConfigError
+from quantlab_chaos.runbook import extract_identifiers, load_runbook, parse_runbook
 
 RUNBOOK = TWIN_ROOT / "docs" / "runbook.md"
 EXPECTED_ITEMS = [

@@ -15,9 +15,10 @@ import pytest
 
 from harness.fakes.s3 import Bucket
 from harness.outcomes import exit_code
-from harness.reporting import markdown, target_leak_findings
+from harness.reporting import target_leak_findings
 from harness.run import harness_leaks
 from harness.secrets_scan import SecretSet, scan_harness_artifacts, scan_target
+from harness.summary_markdown import markdown
 from harness.target import PROJECT_ROOT
 from tests.leak_plant import PLANTED_ATTACHMENT, PLANTED_PREFIX
 from tests.twin_copy import twin_copy
@@ -82,7 +83,8 @@ def test_target_output_on_disk_and_in_the_bucket_is_scanned_but_not_the_env_file
     (tmp_path / "etc-quantlab" / "observer.env").write_text(f"OBSERVER_TOKEN={token}\n")  # the harness's config, no leak
     s3.put("audit/date=20260101/part-1-a.jsonl", f"{token}\n")
     s3.put("replay_runs/replay_run_id=r/manifest.json", "{}")
-    result = scan_target(env, SecretSet({"OBSERVER_TOKEN": token, "RUN_ARCHIVE_S3_SECRET_KEY": key}), "t::x")  # type: ignore[arg-type]
+    secret_set = SecretSet({"OBSERVER_TOKEN": token, "RUN_ARCHIVE_S3_SECRET_KEY": key})
+    result = scan_target(env, secret_set, "t::x")  # type: ignore[arg-type]  # env: a SimpleNamespace of what the scan reads
     assert result.checked == 5 and not result.errors
     assert {(leak.secret, leak.where, leak.kind) for leak in result.leaks} == {
         ("OBSERVER_TOKEN", "audit-spool/date=20260101/part-1-a.jsonl", "audit-spool"),
@@ -104,7 +106,8 @@ def test_run_fails_on_a_harness_leak_and_names_it_without_the_value(capsys: pyte
 
 
 def test_markdown_lists_leaks_and_groups_target_findings() -> None:
-    target = [{"secret": "OBSERVER_TOKEN", "where": f"audit-spool/p{i}.jsonl", "kind": "audit-spool", "test": "t"} for i in range(3)]
+    target = [{"secret": "OBSERVER_TOKEN", "where": f"audit-spool/p{i}.jsonl", "kind": "audit-spool", "test": "t"}
+              for i in range(3)]
     findings = target_leak_findings(target)
     assert len(findings) == 1 and findings[0]["severity"] == "defect" and "3 place(s)" in findings[0]["detail"]
     data = {"target": "t", "runbook": "r", "started_at": "s", "duration_s": 1, "totals": {"pass": 0, "fail": 0, "skip": 0},
@@ -258,7 +261,8 @@ def test_quantlab_chaos_run_reports_a_target_that_writes_its_token_into_the_audi
     assert kinds == {"audit-spool", "s3"}
     assert any(leak["where"].startswith("s3://") and "/audit/date=" in leak["where"] for leak in block["target_leaks"])
     markdown = (reports / "summary.md").read_text()
-    assert "target leak (finding)" in markdown and ("(`beyond:target-secrets`) | **fail** | 0 | 2 defect; "
-                                                    "defect: the target wrote the secret OBSERVER_TOKEN into its s3 |") in markdown
+    assert "target leak (finding)" in markdown
+    assert ("(`beyond:target-secrets`) | **fail** | 0 | 2 defect; "
+            "defect: the target wrote the secret OBSERVER_TOKEN into its s3 |") in markdown
     assert "accepted by .quantlab-chaos.toml line 2" in markdown and "Beyond the runbook:" in done.stdout
     assert "0 harness leak(s)" in done.stdout

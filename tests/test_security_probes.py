@@ -48,7 +48,7 @@ def test_listening_sockets_of_a_process_tree() -> None:
 class _Leaky(BaseHTTPRequestHandler):
     body = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
         self.wfile.write(self.body)
@@ -71,7 +71,8 @@ def open_server() -> Iterator[tuple[ThreadingHTTPServer, type[_Leaky]]]:
         thread.join(5)
 
 
-def test_a_port_serving_data_or_a_secret_without_credentials_is_a_finding(open_server) -> None:
+def test_a_port_serving_data_or_a_secret_without_credentials_is_a_finding(
+        open_server: tuple[ThreadingHTTPServer, type[_Leaky]]) -> None:
     server, handler = open_server
     key = secrets.token_urlsafe(30)
     handler.body = json.dumps({"config": {"secret": key}}).encode()
@@ -117,7 +118,8 @@ def test_the_scenario_fails_a_lax_observer_and_reports_an_open_port(tmp_path: Pa
     # A second edit of the observer (twin_copy makes one per file): the scheme compared without regard to case.
     observer = lax / "core/observer/server.js"
     assert "header.startsWith('Bearer ')" in observer.read_text()
-    observer.write_text(observer.read_text().replace("header.startsWith('Bearer ')", "header.toLowerCase().startsWith('bearer ')", 1))
+    observer.write_text(observer.read_text().replace("header.startsWith('Bearer ')",
+                                                     "header.toLowerCase().startsWith('bearer ')", 1))
     reports = tmp_path / "reports"
     done = subprocess.run([sys.executable, "-m", "pytest", str(SCENARIO), "-p", "no:cacheprovider", "-n", "0",
                            "--rootdir", str(PROJECT_ROOT), "--quantlab-root", str(lax), "--runbook-report", str(reports)],

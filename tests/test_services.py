@@ -18,17 +18,13 @@ import psutil
 import pytest
 
 from harness.ports import free_port
-from harness.services import (
-    ServiceError,
-    ServiceFailed,
-    StartLimit,
-    Supervisor,
-    cgroup_settings,
-    describe_exit,
-    probe_cgroup_v2,
-    should_restart,
-)
-from harness.units import ServiceSpec, load_service, parse_unit
+from harness.sysd.cgroups import cgroup_settings, probe_cgroup_v2
+from harness.sysd.deploy import load_service
+from harness.sysd.spec import ServiceSpec
+from harness.sysd.status import ServiceError, ServiceFailed, ServiceStatus, StartLimit, describe_exit, should_restart
+from harness.sysd.supervisor import Supervisor
+from harness.sysd.unitfile import parse_unit
+from harness.sysd.values import ExitStatusSet
 from quantlab_chaos.envfile import write_env_file
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -38,9 +34,10 @@ SECRET = "s3cr3t-token-value"
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return True
+    return bool(status == psutil.STATUS_ZOMBIE)  # psutil may be untyped: the comparison is then Any
 
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
@@ -296,6 +293,47 @@ def test_clean_exit_restarts_only_under_always_and_on_success(sup: Supervisor, u
     assert status.exit_code == 0
 
 
+def test_restart_prevent_exit_status_keeps_a_listed_exit_down(sup: Supervisor, units: Units, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    script = units.script("config-error", RUN_COUNTER)
+    sup.add("prevented", units.spec("prevented", f"ExecStart={PY} {script}\nRestart=on-failure\nRestartSec=50ms\n"
+                                                 f"RestartPreventExitStatus=3\n"),
+            extra_env={"RUNS": str(runs), "EXIT_CODE": "3"})
+    sup.start("prevented", check=False)
+    status = sup.wait_for("prevented", "failed", 10)
+    assert (status.result, status.exit_code, status.n_restarts) == ("exit-code", 3, 0)
+    time.sleep(0.3)  # six RestartSec periods: a restart, had one been scheduled, would have run by now
+    status = sup.status("prevented")
+    assert (status.active_state, status.n_restarts) == ("failed", 0)
+    assert len(runs.read_text().splitlines()) == 1
+    lines = sup.logs("prevented")
+    assert any("Restart prevented by exit status (code=exited, status=3; RestartPreventExitStatus=3)" in line
+               for line in lines)
+    assert not any("Scheduled restart job" in line for line in lines)
+
+
+def test_restart_prevent_exit_status_lets_other_exits_restart(sup: Supervisor, units: Units, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    script = units.script("crash-once", RUN_COUNTER)
+    sup.add("restarted", units.spec("restarted", f"ExecStart={PY} {script}\nRestart=on-failure\nRestartSec=50ms\n"
+                                                 f"RestartPreventExitStatus=3\n"),
+            extra_env={"RUNS": str(runs), "EXIT_CODE": "1"})
+    sup.start("restarted", check=False)
+    status = sup.wait_until("restarted", lambda s: s.active and s.n_restarts == 1 and s.main_pid is not None, 10,
+                            what="active after one restart")
+    assert status.exit_code == 1 and len(read_when_present(runs, lines=2)) == 2
+
+
+def test_restart_prevent_exit_status_applies_to_a_oneshot_s_exec_start_too(sup: Supervisor, units: Units) -> None:
+    sup.add("once", units.spec("once", "Type=oneshot\nExecStart=/bin/sh -c 'exit 2'\nRestart=on-failure\n"
+                                       "RestartSec=50ms\nRestartPreventExitStatus=2\n"))
+    with pytest.raises(ServiceFailed, match="exit-code"):
+        sup.start("once", timeout=10)
+    time.sleep(0.3)
+    status = sup.status("once")
+    assert (status.active_state, status.exit_code, status.n_restarts) == ("failed", 2, 0)
+
+
 def test_start_limit_hit_after_burst_and_restart_clears_it(sup: Supervisor, units: Units, tmp_path: Path) -> None:
     runs, ok_flag = tmp_path / "runs", tmp_path / "ok"
     script = units.script("always-crash", RUN_COUNTER)
@@ -407,8 +445,9 @@ def test_close_on_an_exception_kills_everything(units: Units, tmp_path: Path) ->
 DRIVER = """\
 import os, sys, time
 from pathlib import Path
-from harness.services import Supervisor
-from harness.units import ServiceSpec, parse_unit_text
+from harness.sysd.spec import ServiceSpec
+from harness.sysd.supervisor import Supervisor
+from harness.sysd.unitfile import parse_unit_text
 supervisor = Supervisor(Path(sys.argv[1]))
 supervisor.add("sleep", ServiceSpec.from_unit(parse_unit_text("[Service]\\nExecStart=/bin/sleep 60\\n", "s.service")))
 print(supervisor.start("sleep").main_pid, flush=True)
@@ -459,13 +498,13 @@ def test_readiness_by_http_keeps_the_service_activating_until_it_answers(sup: Su
     script = units.script("observer_like", HTTP_SERVER)
     sup.add("http", units.spec("http", f"ExecStart={PY} {script}\n"), extra_env={"PORT": str(port)},
             readiness=f"http://127.0.0.1:{port}/observer/health")
-    results: list[object] = []
+    results: list[ServiceStatus] = []
     starter = threading.Thread(target=lambda: results.append(sup.start("http", timeout=10)))
     starter.start()
     during = sup.wait_for("http", "activating", 5)
     starter.join(15)
     assert during.sub_state == "start"
-    assert results and results[0].active  # type: ignore[attr-defined]
+    assert results and results[0].active
     assert httpx.get(f"http://127.0.0.1:{port}/observer/health", timeout=2, trust_env=False).status_code == 401
     lines = sup.logs("http")
     assert [i for i, line in enumerate(lines) if "listening" in line][0] < [
@@ -568,6 +607,18 @@ def test_restart_table(policy: str, result: str, expected: bool) -> None:
     assert should_restart(policy, result) is expected
 
 
+def test_restart_prevent_exit_status_wins_over_every_policy() -> None:
+    prevent = ExitStatusSet(frozenset({0, 3}), frozenset({signal.SIGABRT}))
+    for policy in ("always", "on-failure", "on-abnormal", "on-abort"):
+        assert not should_restart(policy, "exit-code", main_exit=3, prevent=prevent)
+        assert not should_restart(policy, "signal", main_exit=-signal.SIGABRT, prevent=prevent)
+    assert not should_restart("always", "success", main_exit=0, prevent=prevent)
+    assert should_restart("on-failure", "exit-code", main_exit=1, prevent=prevent)
+    assert should_restart("on-failure", "signal", main_exit=-signal.SIGKILL, prevent=prevent)
+    # No main process exit (a failed ExecStartPre=, a missing binary): the list does not apply.
+    assert should_restart("on-failure", "exit-code", main_exit=None, prevent=prevent)
+
+
 def test_exit_classification_treats_term_hup_int_pipe_as_clean() -> None:
     assert describe_exit(0) == (0, None, "success")
     assert describe_exit(3) == (3, None, "exit-code")
@@ -633,9 +684,17 @@ def test_a_production_unit_boots_on_a_checkout_with_harness_env_files(sup: Super
     assert SECRET not in sup.log_path("replayd").read_text()
 
 
-def test_a_journal_masks_a_secret_that_contains_another_whole() -> None:
-    from harness.services import _redact
-
-    # In the order given, the short one first would leave `***XYZW` of the long one in the journal.
-    for secrets in (["tok", "tokXYZW"], ["tokXYZW", "tok"]):
-        assert _redact("value=tokXYZW and tok", secrets) == "value=*** and ***"
+@pytest.mark.parametrize("order", ["short-first", "long-first"])
+def test_a_journal_masks_a_secret_that_contains_another_whole(sup: Supervisor, units: Units, order: str) -> None:
+    # Masking the short one first would leave `***-long` of the long one in the journal.
+    secrets = {"API_TOKEN": "tokXYZW", "S3_SECRET_KEY": "tokXYZW-long"}
+    if order == "long-first":
+        secrets = dict(reversed(secrets.items()))
+    sup.add("nested", units.spec("nested", "Type=oneshot\n"
+                                           "ExecStart=/bin/sh -c 'echo \"value=$S3_SECRET_KEY and $API_TOKEN\"'\n"),
+            override_env=secrets)
+    sup.start("nested", timeout=10)
+    lines = sup.logs("nested")
+    assert any(line.endswith("stdout: value=*** and ***") for line in lines), lines
+    journal = "\n".join(lines) + sup.log_path("nested").read_text()
+    assert "tokXYZW" not in journal and "***-long" not in journal

@@ -7,13 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 import pytest
 
-from quantlab_chaos.waiting import wait_until
 from harness.soak import (
     NO_REPORT,
     CpuPressure,
@@ -25,6 +24,7 @@ from harness.soak import (
     write_report,
 )
 from harness.target import PROJECT_ROOT
+from quantlab_chaos.waiting import wait_until
 
 FAST_ITEM = "failure:live-ws-disabled"
 FAST_TEST = "harness/scenarios/test_failure_live_ws_disabled.py::test_live_ws_disabled"
@@ -54,7 +54,7 @@ def test_differing_outcomes_are_listed_with_their_run_numbers() -> None:
     assert flakes[0].messages == {2: "timed out"}
     assert flakes[0].describe() == "t::flaky: failed in run 2; passed in run 1, 3"
 
-    data = report(runs, runs_requested=3, pressure=NO_PRESSURE, only=[], started_at=datetime.now(timezone.utc),
+    data = report(runs, runs_requested=3, pressure=NO_PRESSURE, only=[], started_at=datetime.now(UTC),
                   duration_s=3.0)
     assert data["verdict"] == "flaky"
     assert data["flaky"] == [{"test": "t::flaky", "outcomes": {"failed": [2], "passed": [1, 3]}, "messages": {"2": "timed out"}}]
@@ -76,11 +76,11 @@ def test_a_test_missing_from_a_run_or_a_run_without_report_is_a_difference() -> 
 
 def test_identical_runs_are_stable_and_consistent_failures_are_not_flakes() -> None:
     same = [_result(n, {"a": "passed", "b": "skipped"}) for n in (1, 2)]
-    data = report(same, runs_requested=2, pressure=NO_PRESSURE, only=["x"], started_at=datetime.now(timezone.utc),
+    data = report(same, runs_requested=2, pressure=NO_PRESSURE, only=["x"], started_at=datetime.now(UTC),
                   duration_s=2.0)
     assert (data["verdict"], data["flaky"], data["failing"]) == ("stable", [], [])
     broken = [_result(n, {"a": "failed"}) for n in (1, 2)]
-    data = report(broken, runs_requested=2, pressure=NO_PRESSURE, only=[], started_at=datetime.now(timezone.utc),
+    data = report(broken, runs_requested=2, pressure=NO_PRESSURE, only=[], started_at=datetime.now(UTC),
                   duration_s=2.0)
     assert (data["verdict"], data["flaky"]) == ("failing", [])
 
@@ -95,7 +95,8 @@ def test_outcomes_come_from_junit_else_summary(tmp_path: Path) -> None:
         '<failure message="AssertionError: late&#10;more">trace</failure></testcase>'
         '<testcase classname="harness.scenarios.test_kill_switch" name="test_b[x]" time="0.5">'
         '<error message="teardown broke">trace</error></testcase>'
-        '<testcase classname="harness.scenarios.test_kill_switch" name="test_c" time="0"><skipped message="no docker"/></testcase>'
+        '<testcase classname="harness.scenarios.test_kill_switch" name="test_c" time="0">'
+        '<skipped message="no docker"/></testcase>'
         "</testsuite></testsuites>")
     result = collect_run(1, 1, 3.0, junit)
     module = "harness/scenarios/test_kill_switch.py"
@@ -114,7 +115,7 @@ def test_outcomes_come_from_junit_else_summary(tmp_path: Path) -> None:
 
 def test_report_files_have_the_documented_shape(tmp_path: Path) -> None:
     runs = [_result(1, {"a": "passed"}), _result(2, {"a": "failed"}, {"a": "boom"})]
-    data = report(runs, runs_requested=2, pressure=NO_PRESSURE, only=[], started_at=datetime.now(timezone.utc),
+    data = report(runs, runs_requested=2, pressure=NO_PRESSURE, only=[], started_at=datetime.now(UTC),
                   duration_s=2.0)
     write_report(data, tmp_path)
     loaded = json.loads((tmp_path / "soak.json").read_text())
@@ -157,7 +158,7 @@ def test_busy_loops_end_by_themselves_when_the_soak_is_killed() -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)  # psutil has no type information: Any
     except psutil.NoSuchProcess:
         return False
 
@@ -187,7 +188,9 @@ def test_sigterm_stops_the_soak_its_run_and_its_busy_loops(tmp_path: Path) -> No
                                 cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "run 1/3" in log.read_text(), timeout=30, what="the first run to start")
-        pids = [int(pid) for pid in re.search(r"pids ([\d, ]+)\)", log.read_text()).group(1).split(", ")]
+        announced = re.search(r"pids ([\d, ]+)\)", log.read_text())
+        assert announced is not None, log.read_text()
+        pids = [int(pid) for pid in announced.group(1).split(", ")]
         # Once the scenario's toxiproxy runs, the run has its own processes in sessions of their own to leave behind.
         wait_until(lambda: any(p.name().startswith("toxiproxy") for p in _descendants(soak.pid)), timeout=60,
                    what="the run's toxiproxy server")
@@ -207,9 +210,10 @@ def test_sigterm_stops_the_soak_its_run_and_its_busy_loops(tmp_path: Path) -> No
 
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    return children
 
 
 def test_a_run_that_refuses_to_start_stops_the_soak_with_its_reason(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from harness.target import PROJECT_ROOT
 
-STRATEGIES = PROJECT_ROOT / "harness" / "strategies"
+STRATEGIES = PROJECT_ROOT / "canary" / "strategies"
 GUARDS = PROJECT_ROOT / "reference" / "quantlab" / "core" / "live" / "PromotionGuards.js"
 SCRIPT = """
 const [guardsUrl, strategyUrl, config, runs, events, flat] = process.argv.slice(1);
@@ -62,15 +63,16 @@ console.log(JSON.stringify(result));
 """
 
 
-def simulate(strategy: Path, *, config: dict | None = None, runs: int = 300, events: int = 176,
-             flat: bool = False) -> dict:
+def simulate(strategy: Path, *, config: dict[str, Any] | None = None, runs: int = 300, events: int = 176,
+             flat: bool = False) -> dict[str, Any]:
     """176 events: what a 4 s canary run got from the fake exchange in a soak."""
     done = subprocess.run(
         ["node", "--input-type=module", "-e", SCRIPT, GUARDS.as_uri(), strategy.as_uri(), json.dumps(config or {}),
          str(runs), str(events), "1" if flat else "0"],
         capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def test_steady_never_trips_a_guard_even_when_exits_break_even() -> None:

@@ -4,29 +4,27 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
 import stat
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from harness.units import (
-    EnvFile,
-    ExecCommand,
-    OutputSpec,
-    ServiceSpec,
-    UnitError,
-    load_service,
+from harness.sysd.deploy import load_service, rewrite_for_checkout
+from harness.sysd.spec import HONOURED, ExecCommand, OutputSpec, ServiceSpec
+from harness.sysd.unitfile import parse_unit, parse_unit_text
+from harness.sysd.values import (
+    ExitStatusSet,
     parse_cpu_quota,
+    parse_exit_statuses,
     parse_memory_limit,
     parse_timespan,
-    parse_unit,
-    parse_unit_text,
-    redact_env,
-    rewrite_for_checkout,
     split_words,
-    write_env_file,
 )
+from quantlab_chaos.envfile import EnvFile, write_env_file
+from quantlab_chaos.errors import UnitError
+from quantlab_chaos.redact import redact_env
 
 
 def unit(text: str, name: str = "demo.service") -> ServiceSpec:
@@ -203,6 +201,40 @@ def test_restart_and_limits_directives() -> None:
     assert spec.standard_error == OutputSpec("inherit")
 
 
+def test_restart_prevent_exit_status_lists_add_up_and_an_empty_assignment_resets_them() -> None:
+    spec = unit("""\
+        [Service]
+        ExecStart=/bin/true
+        Restart=on-failure
+        RestartPreventExitStatus=1 6
+        RestartPreventExitStatus=
+        RestartPreventExitStatus=3 SIGABRT
+        RestartPreventExitStatus=EXEC TERM
+        """)
+    prevent = spec.restart_prevent_exit_status
+    assert prevent == ExitStatusSet(frozenset({3, 203}), frozenset({signal.SIGABRT, signal.SIGTERM}))
+    assert prevent.matches(3) and prevent.matches(203) and prevent.matches(-signal.SIGABRT)
+    assert not prevent.matches(1) and not prevent.matches(6) and not prevent.matches(-signal.SIGKILL)
+    assert str(prevent) == "3 203 SIGABRT SIGTERM"
+    assert unit("[Service]\nExecStart=/bin/true\n").restart_prevent_exit_status == ExitStatusSet()
+    assert "RestartPreventExitStatus" in HONOURED["Service"]
+    assert not spec.unhonoured_directives()
+
+
+@pytest.mark.parametrize(("text", "statuses", "signals"), [
+    ("2", {2}, set()), ("0 255", {0, 255}, set()), ("SIGKILL", set(), {signal.SIGKILL}),
+    ("HUP", set(), {signal.SIGHUP}), ("SUCCESS INVALIDARGUMENT CHDIR", {0, 2, 200}, set()), ("", set(), set()),
+])
+def test_exit_status_words(text: str, statuses: set[int], signals: set[signal.Signals]) -> None:
+    assert parse_exit_statuses(text) == ExitStatusSet(frozenset(statuses), frozenset(signals))
+
+
+@pytest.mark.parametrize("text", ["256", "SIGNOPE", "-1", "exec"])
+def test_bad_exit_status_words_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_exit_statuses(text)
+
+
 def test_legacy_start_limit_interval_in_service_section_and_last_assignment_wins() -> None:
     legacy = unit("[Service]\nExecStart=/bin/true\nStartLimitInterval=30\nStartLimitBurst=2\n")
     assert (legacy.start_limit_interval, legacy.start_limit_burst) == (30.0, 2)
@@ -254,6 +286,7 @@ def test_working_directory_dash_and_tilde() -> None:
     ("ExecStart=/bin/true\nWorkingDirectory=relative", "not an absolute path"),
     ("ExecStart=/bin/true\nStandardOutput=append:server.log", "needs an absolute path"),
     ("ExecStart=/bin/true\nStartLimitBurst=many", "not a whole number"),
+    ("ExecStart=/bin/true\nRestartPreventExitStatus=2 SIGNOPE", "RestartPreventExitStatus=2 SIGNOPE is invalid"),
     ("Type=simple", "no ExecStart="),
 ])
 def test_invalid_services_name_file_line_and_fix(body: str, needle: str) -> None:
@@ -300,7 +333,7 @@ def test_env_file_rules(tmp_path: Path) -> None:
         # comment
         ; also a comment
         PLAIN=value
-        SPACED = padded value   
+        SPACED = padded value\x20\x20\x20
         DOUBLE="a \\"quoted\\" $$ \\$HOME \\q"
         SINGLE='no $escapes \\n here'
         INLINE=keeps # this

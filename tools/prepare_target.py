@@ -32,6 +32,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[1]
 TARGETS = PROJECT.parent / "shared" / "targets"
@@ -112,7 +113,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_stamp(dest: Path) -> dict | None:
+def read_stamp(dest: Path) -> dict[str, Any] | None:
     try:
         stamp = json.loads((dest / STAMP).read_text())
     except (OSError, ValueError):
@@ -154,7 +155,7 @@ def locked(lock_path: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise PrepareError(f"another preparation has held {lock_path} for {LOCK_TIMEOUT_S} s. If no "
-                                       f"other prepare_target.py is running, delete that file and run again.")
+                                       f"other prepare_target.py is running, delete that file and run again.") from None
                 time.sleep(0.5)
         try:
             yield
@@ -251,7 +252,7 @@ def npm_ci(folder: Path, shown: str) -> None:
                            f"nothing half-installed was kept.")
 
 
-def kill_group(process: subprocess.Popen) -> None:
+def kill_group(process: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -23,10 +23,6 @@ def docker_status() -> tuple[bool, str]:
     return True, f"Docker {version}"
 
 
-def docker_available() -> bool:
-    return docker_status()[0]
-
-
 def require_docker(what: str, instead: str) -> None:
     """Raises MissingToolError (exit 2) saying what to do when no Docker engine answers.
 

@@ -20,8 +20,8 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from quantlab_chaos.errors import ConfigError, UnreachableError
 from harness.fakes.docker import docker_status
+from quantlab_chaos.errors import ConfigError, UnreachableError
 from quantlab_chaos.waiting import wait_until
 
 BACKENDS = ("moto", "minio", "url")
@@ -46,7 +46,7 @@ class S3Credentials:
         return cls(access_key="AKQL" + secrets.token_hex(8).upper(), secret_key=secrets.token_urlsafe(30))
 
 
-class S3Server(AbstractContextManager):
+class S3Server(AbstractContextManager["S3Server"]):
     """An S3 endpoint with credentials; subclasses start and stop the server behind it."""
 
     name = "s3"
@@ -143,7 +143,7 @@ class MinioS3(S3Server):
     def _start(self, container: Any) -> None:
         try:
             container.start()
-        except Exception as exc:  # noqa: BLE001 - docker's errors are many; the user's next step is the same
+        except Exception as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise UnreachableError(f"The MinIO container did not start ({first}); check that Docker can pull and run "
                                    f"{self.image}, or use --s3-backend moto.") from exc
@@ -226,14 +226,16 @@ class Bucket:
     def head(self, key: str) -> dict[str, Any] | None:
         """The object's metadata, or None when it does not exist."""
         try:
-            return self._client.head_object(Bucket=self.name, Key=key)
+            found: dict[str, Any] = self._client.head_object(Bucket=self.name, Key=key)
+            return found
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return None
             raise
 
     def read_bytes(self, key: str) -> bytes:
-        return self._client.get_object(Bucket=self.name, Key=key)["Body"].read()
+        body: bytes = self._client.get_object(Bucket=self.name, Key=key)["Body"].read()
+        return body
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))

@@ -1,4 +1,4 @@
-"""The real toxiproxy server, its proxies and toxics, driven through toxiproxy-python.
+"""The real toxiproxy server, its proxies and toxics, driven through its HTTP API (`toxiproxy_api`).
 
 `ToxiproxyServer` finds a server binary (explicit path, TOXIPROXY_BIN, the project's .tools/bin, PATH),
 an existing server (TOXIPROXY_URL), or its container (Docker), starts it on a port from the OS, and waits
@@ -12,33 +12,35 @@ published on random host ports, and upstreams on 127.0.0.1 are reached as host.d
 probe proxy proves the round trip host -> proxy -> host before any test uses the server. (In bridge mode a
 disabled proxy sits behind Docker's port forwarder, which accepts the connection and then closes it: clients see a
 reset, not "connection refused". Host networking, the Linux default, has no such difference.)
+
+Each server has an API client of its own (`ToxiproxyServer.api()`, a `ToxiproxyAPI`), so several servers and the
+threads of a scenario never mix their calls; a failed call raises `ToxiproxyError`. Importing this module does
+nothing but define names.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-import toxiproxy.api
-from toxiproxy import Toxiproxy
-from toxiproxy.proxy import Proxy
-
 from harness import reaper
-from quantlab_chaos.errors import MissingToolError, UnreachableError
 from harness.fakes.docker import docker_status
+from harness.fakes.toxiproxy_api import API_TIMEOUT_S, ProxyInfo, ToxicInfo, ToxiproxyAPI, ToxiproxyError
 from harness.ports import free_port
+from quantlab_chaos import procgroup
+from quantlab_chaos.errors import MissingToolError, UnreachableError
 from quantlab_chaos.waiting import wait_until
+
+__all__ = ["API_TIMEOUT_S", "CONTAINER_HOST_ALIAS", "ChaosProxy", "ProxyInfo", "TOXIPROXY_BACKENDS", "ToxicInfo",
+           "ToxiproxyAPI", "ToxiproxyError", "ToxiproxyServer", "find_server_binary", "host_network_usable"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_BIN = PROJECT_ROOT / ".tools" / "bin"
@@ -48,31 +50,12 @@ TOXIPROXY_BACKENDS = ("binary", "container")
 # anything), each published on a host port Docker picks. Two proxies per environment, one environment at a time.
 CONTAINER_PROXY_PORTS = tuple(range(20000, 20016))
 CONTAINER_HOST_ALIAS = "host.docker.internal"
-API_TIMEOUT_S = 5.0
+STOP_GRACE_S = 5.0  # SIGTERM, then this long for the server to exit, then SIGKILL
 HOW_TO_GET_IT = (
     "Run 'make bootstrap' (it builds toxiproxy with 'go install github.com/Shopify/toxiproxy/v2/cmd/server@v2.12.0' "
     "into .tools/bin), or put toxiproxy-server on PATH, or pass --toxiproxy-bin PATH, or point TOXIPROXY_URL at a "
     "running server."
 )
-
-
-def _with_timeout(method: Any) -> Any:
-    """toxiproxy-python calls requests without a timeout; every API call here gets one."""
-
-    @functools.wraps(method)
-    def call(url: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", API_TIMEOUT_S)
-        return method(url, *args, **kwargs)
-
-    return classmethod(lambda cls, url, *a, **kw: call(url, *a, **kw))
-
-
-for _verb in ("get", "post", "delete"):
-    _original = getattr(toxiproxy.api.APIConsumer, _verb)
-    if not getattr(_original, "_quantlab_timeout", False):
-        _patched = _with_timeout(_original)
-        _patched.__func__._quantlab_timeout = True  # type: ignore[attr-defined]
-        setattr(toxiproxy.api.APIConsumer, _verb, _patched)
 
 
 def find_server_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -93,7 +76,7 @@ def find_server_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
     raise MissingToolError(f"toxiproxy-server was not found. {HOW_TO_GET_IT}")
 
 
-class ToxiproxyServer(AbstractContextManager):
+class ToxiproxyServer(AbstractContextManager["ToxiproxyServer"]):
     """A toxiproxy API endpoint owned for the duration of a `with` block."""
 
     def __init__(self, binary: str | os.PathLike[str] | None = None, *, log_path: Path | None = None,
@@ -111,6 +94,8 @@ class ToxiproxyServer(AbstractContextManager):
         # bridge mode: container port -> published host port, and the name upstreams on 127.0.0.1 go by
         self._published: dict[int, int] = {}
         self._upstream_alias: str | None = None
+        self._published_lock = threading.Lock()  # one pool port per proxy, whichever thread creates them
+        self._api: ToxiproxyAPI | None = None
         self.host = "127.0.0.1"
         self.port = 0
         self.source = ""
@@ -139,8 +124,6 @@ class ToxiproxyServer(AbstractContextManager):
                     if not docker_status()[0]:
                         raise
                     self._run_container()
-            # toxiproxy-python keeps its API address in class attributes: one server per process at a time.
-            Toxiproxy().update_api_consumer(self.host, self.port)
             if self._container is not None:
                 self._probe_round_trip()
         except BaseException:
@@ -150,12 +133,20 @@ class ToxiproxyServer(AbstractContextManager):
 
     def _attach(self, url: str) -> None:
         parts = urlsplit(url)
-        self.host, self.port, self.source = parts.hostname or "127.0.0.1", parts.port or 8474, f"TOXIPROXY_URL={url}"
+        self._point_at(parts.hostname or "127.0.0.1", parts.port or 8474)
+        self.source = f"TOXIPROXY_URL={url}"
         if not self._answers():
             raise UnreachableError(f"TOXIPROXY_URL is {url}, but no toxiproxy answers there. Start it or unset TOXIPROXY_URL.")
 
+    def _point_at(self, host: str, port: int) -> None:
+        """The server's address, and the API client of this server (and of no other) for it."""
+        if self._api is not None:
+            self._api.close()
+        self.host, self.port = host, port
+        self._api = ToxiproxyAPI(self.url, timeout=API_TIMEOUT_S)
+
     def _spawn(self, binary: Path) -> None:
-        self.port = free_port()
+        self._point_at(self.host, free_port())
         self.source = str(binary)
         output: Any = subprocess.DEVNULL
         if self._log_path is not None:
@@ -182,7 +173,7 @@ class ToxiproxyServer(AbstractContextManager):
         if host_network_usable():
             # The host's network: API on a port from the OS (several xdist workers each run a container),
             # proxies on 127.0.0.1:0 like the binary's.
-            self.host, self.port = "127.0.0.1", free_port()
+            self._point_at("127.0.0.1", free_port())
             container = (DockerContainer(TOXIPROXY_IMAGE)
                          .with_command([f"-host={self.host}", f"-port={self.port}"])
                          .with_kwargs(network_mode="host"))
@@ -196,8 +187,8 @@ class ToxiproxyServer(AbstractContextManager):
                          .with_kwargs(extra_hosts={CONTAINER_HOST_ALIAS: "host-gateway"}))
             self._start_container(container)
             # Docker Desktop answers "localhost"; the binary's proxies are on 127.0.0.1, and so are these.
-            self.host = "127.0.0.1" if container.get_container_host_ip() == "localhost" else container.get_container_host_ip()
-            self.port = int(container.get_exposed_port(8474))
+            host = container.get_container_host_ip()
+            self._point_at("127.0.0.1" if host == "localhost" else host, int(container.get_exposed_port(8474)))
             self._published = {port: int(container.get_exposed_port(port)) for port in CONTAINER_PROXY_PORTS}
             self._upstream_alias = CONTAINER_HOST_ALIAS
             self.source = f"container {TOXIPROXY_IMAGE} (bridge, published ports)"
@@ -213,7 +204,7 @@ class ToxiproxyServer(AbstractContextManager):
         self._container = container  # held before start(), so close() removes one that started half-way
         try:
             container.start()
-        except Exception as exc:  # noqa: BLE001 - docker's errors are many; the user's next step is the same
+        except Exception as exc:  # docker's errors are many; the user's next step is the same
             raise UnreachableError(
                 f"The toxiproxy container did not start ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
                 f"check that Docker can pull and run {TOXIPROXY_IMAGE}, or use --toxiproxy-backend binary."
@@ -250,40 +241,37 @@ class ToxiproxyServer(AbstractContextManager):
         return self._process.poll() is not None or self._answers()
 
     def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/version", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self._api is not None and self._api.answers(timeout=1.0)
 
     def version(self) -> str:
-        return httpx.get(self.url + "/version", timeout=API_TIMEOUT_S).text.strip()
+        """The server's version, e.g. "2.12.0" ("git" for a build from source)."""
+        return self.api().version()
 
-    def api(self) -> Toxiproxy:
-        """toxiproxy-python's client, pointed at this server. Its address lives in class attributes shared by the
-        whole process, so every call selects its server first (two servers in one process would otherwise mix)."""
-        Toxiproxy().update_api_consumer(self.host, self.port)
-        return Toxiproxy()
+    def api(self) -> ToxiproxyAPI:
+        """The API client of this server: its address is its own, and it may be used from any thread."""
+        if self._api is None:
+            raise UnreachableError("This toxiproxy server is not running: use it inside 'with ToxiproxyServer() as server:'.")
+        return self._api
 
     def destroy_proxy(self, name: str) -> None:
         """Removes the proxy if it exists (an environment's teardown)."""
-        existing = self.api().get_proxy(name)
-        if existing is not None:
-            existing.destroy()
+        self.api().delete_proxy(name, missing_ok=True)
 
     def create_proxy(self, name: str, upstream: str) -> ChaosProxy:
-        """A proxy on a port from toxiproxy (127.0.0.1:0) in front of upstream `host:port`."""
-        existing = self.api().get_proxy(name)
-        if existing is not None:
-            existing.destroy()
+        """A proxy on a port from toxiproxy (127.0.0.1:0) in front of upstream `host:port`, replacing any proxy of
+        that name."""
+        api = self.api()
+        api.delete_proxy(name, missing_ok=True)
         if not self._published:
-            return ChaosProxy(self.api().create(upstream=upstream, name=name, listen="127.0.0.1:0"), select=self.api)
-        port = self._free_published_port()
-        proxy = self.api().create(upstream=self._container_upstream(upstream), name=name, listen=f"0.0.0.0:{port}")
-        return ChaosProxy(proxy, address=(self.host, self._published[port]), select=self.api)
+            return ChaosProxy(api, api.create_proxy(name, upstream, listen="127.0.0.1:0"))
+        with self._published_lock:
+            port = self._free_published_port()
+            info = api.create_proxy(name, self._container_upstream(upstream), listen=f"0.0.0.0:{port}")
+        return ChaosProxy(api, info, address=(self.host, self._published[port]))
 
     def _free_published_port(self) -> int:
         """A pool port no proxy listens on (environments destroy their proxies by name, so ask the server)."""
-        taken = {int(p.listen.rpartition(":")[2]) for p in self.api().proxies().values()}
+        taken = {proxy.listen_port for proxy in self.api().proxies().values()}
         for port in CONTAINER_PROXY_PORTS:
             if port not in taken:
                 return port
@@ -298,23 +286,18 @@ class ToxiproxyServer(AbstractContextManager):
 
     def reset(self) -> None:
         """Enables every proxy and removes every toxic."""
-        httpx.post(self.url + "/reset", timeout=API_TIMEOUT_S).raise_for_status()
+        self.api().reset()
 
     def destroy_all(self) -> None:
+        """Removes every proxy of this server."""
         self.api().destroy_all()
 
     def close(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            try:
-                os.killpg(self._process.pid, signal.SIGTERM)
-                self._process.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self._process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self._process.wait(timeout=5)
+        if self._api is not None:
+            self._api.close()
+            self._api = None
         if self._process is not None:
+            procgroup.stop(self._process, STOP_GRACE_S)
             reaper.forget(self._process.pid)
         self._process = None
         if self._container is not None:
@@ -365,14 +348,12 @@ def _echo_once(listener: socket.socket) -> None:
 
 
 class ChaosProxy:
-    """One toxiproxy proxy and the faults a runbook scenario injects through it."""
+    """One toxiproxy proxy and the faults a runbook scenario injects through it (any thread may call them)."""
 
-    def __init__(self, proxy: Proxy, address: tuple[str, int] | None = None,
-                 select: Callable[[], object] | None = None) -> None:
-        """address: where clients connect when that is not the proxy's own listen address (a published port);
-        select: points toxiproxy-python at this proxy's server before each call (see ToxiproxyServer.api)."""
-        self._select = select or (lambda: None)
-        self._proxy = proxy
+    def __init__(self, api: ToxiproxyAPI, proxy: ProxyInfo, address: tuple[str, int] | None = None) -> None:
+        """api: the client of the proxy's server; address: where clients connect when that is not the proxy's own
+        listen address (a port the container publishes)."""
+        self._api = api
         self.name: str = proxy.name
         self.upstream: str = proxy.upstream
         host, _, port = proxy.listen.rpartition(":")
@@ -381,6 +362,9 @@ class ChaosProxy:
         if address is not None:
             self.host, self.port = address
 
+    def __repr__(self) -> str:
+        return f"ChaosProxy({self.name!r}, {self.listen} -> {self.upstream}, {self._api.url})"
+
     @property
     def listen(self) -> str:
         return f"{self.host}:{self.port}"
@@ -388,15 +372,17 @@ class ChaosProxy:
     def url(self, scheme: str = "http") -> str:
         return f"{scheme}://{self.listen}"
 
+    def info(self) -> ProxyInfo:
+        """What the server says of this proxy now (enabled, toxics)."""
+        return self._api.proxy(self.name)
+
     # connection-level faults
     def disable(self) -> None:
         """Stops listening and drops every open connection: clients see 'connection refused'."""
-        self._select()
-        self._proxy.disable()
+        self._api.disable(self.name)
 
     def enable(self) -> None:
-        self._select()
-        self._proxy.enable()
+        self._api.enable(self.name)
 
     @contextmanager
     def down(self) -> Iterator[ChaosProxy]:
@@ -408,10 +394,9 @@ class ChaosProxy:
 
     # toxics
     def add_toxic(self, kind: str, *, stream: str = "downstream", name: str | None = None,
-                  toxicity: float = 1.0, **attributes: Any) -> str:
+                  toxicity: float = 1.0, **attributes: int) -> str:
         toxic_name = name or f"{kind}_{stream}"
-        self._select()
-        self._proxy.add_toxic(type=kind, stream=stream, name=toxic_name, toxicity=toxicity, attributes=attributes)
+        self._api.add_toxic(self.name, kind, name=toxic_name, stream=stream, toxicity=toxicity, attributes=attributes)
         return toxic_name
 
     def latency(self, ms: int, jitter_ms: int = 0, stream: str = "downstream") -> str:
@@ -443,20 +428,18 @@ class ChaosProxy:
         return self.add_toxic("limit_data", stream=stream, bytes=max_bytes)
 
     def destroy(self) -> None:
-        self._select()
-        self._proxy.destroy()
+        self._api.delete_proxy(self.name)
 
     def remove_toxic(self, name: str) -> None:
-        self._select()
-        self._proxy.destroy_toxic(name)
+        self._api.remove_toxic(self.name, name)
 
     def toxics(self) -> list[str]:
-        self._select()
-        return sorted(self._proxy.toxics())
+        return sorted(toxic.name for toxic in self._api.toxics(self.name))
 
     def clear(self) -> None:
         """Removes every toxic and enables the proxy again."""
-        for name in self.toxics():
-            self.remove_toxic(name)
-        if not self._proxy.enabled:
+        current = self.info()
+        for toxic in current.toxics:
+            self.remove_toxic(toxic.name)
+        if not current.enabled:
             self.enable()

@@ -13,17 +13,19 @@ import time
 import httpx
 import pytest
 
-from canary.checks import UNAUTHORIZED_STATUS, CheckResult, check_observer_auth, check_unauthorized
+from canary.checks import CheckResult, check_observer_auth
+from canary.stops import UNAUTHORIZED_STATUS, check_unauthorized
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from quantlab_chaos.errors import ConfigError
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal
-from harness.outcomes import DriftFound
-from harness.runbook import BreakGlassStep, Runbook, Source
 from harness.live_probes import Ingest, connection_ids, live_run_setup
+from harness.outcomes import DriftFound
 from harness.scenarios.test_kill_switch import stop_and_verify
+from quantlab_chaos import items
 from quantlab_chaos.envfile import EnvFile
+from quantlab_chaos.errors import ConfigError
+from quantlab_chaos.runbook import BreakGlassStep, Runbook, Source
 
 # How soon a restarted observer must show the rotated token (the restart itself waits until it is ready).
 ROTATE_DEADLINE_S = 5.0
@@ -61,18 +63,18 @@ def unauthorized_status(runbook: Runbook) -> int:
         return UNAUTHORIZED_STATUS
 
 
-@pytest.mark.runbook("break-glass:stop-live-runs")
+@pytest.mark.runbook(items.STOP_LIVE_RUNS)
 def test_stop_live_runs(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
     step = step_or_skip(runbook_model, "stop-live-runs")
     if not step.requests:
         pytest.skip(f"{step.source} gives no request to stop a run with")
-    stop_and_verify(quantlab, runbook_model, journal, step.requests[0], "break-glass:stop-live-runs")
+    stop_and_verify(quantlab, runbook_model, journal, step.requests[0], items.STOP_LIVE_RUNS)
 
 
 # -- rotate the observer token -------------------------------------------------------------------------------
 
 
-@pytest.mark.runbook("break-glass:rotate-observer-token")
+@pytest.mark.runbook(items.ROTATE_OBSERVER_TOKEN)
 def test_rotate_observer_token(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
     step = step_or_skip(runbook_model, "rotate-observer-token")
     if not step.ids.env_names:
@@ -89,7 +91,7 @@ def test_rotate_observer_token(quantlab: QuantLabEnvironment, runbook_model: Run
         quantlab.restart(role)
 
     journal.run(Experiment(
-        "break-glass:rotate-observer-token",
+        items.ROTATE_OBSERVER_TOKEN,
         setup=[kit.start(quantlab, role)],
         steady_state=[accepts_its_token(quantlab, role, name, runbook_model.health_checks[0].source),
                       kit.healthy_canary(quantlab, runbook_model)],
@@ -144,7 +146,7 @@ def old_token_refused(quantlab: QuantLabEnvironment, runbook: Runbook, name: str
 # -- disable live WS ingest ----------------------------------------------------------------------------------
 
 
-@pytest.mark.runbook("break-glass:disable-live-ws")
+@pytest.mark.runbook(items.DISABLE_LIVE_WS)
 def test_disable_live_ws(quantlab: QuantLabEnvironment, runbook_model: Runbook, journal: Journal) -> None:
     step = step_or_skip(runbook_model, "disable-live-ws")
     disable = step.ids.env()
@@ -181,7 +183,7 @@ def test_disable_live_ws(quantlab: QuantLabEnvironment, runbook_model: Runbook, 
         return Observation(bool(new), f"{len(new)} new exchange connection(s) from the live runner")
 
     journal.run(Experiment(
-        "break-glass:disable-live-ws",
+        items.DISABLE_LIVE_WS,
         setup=live_run_setup(journal, quantlab, runbook_model, Ingest()),
         steady_state=[runner_connected(quantlab, step.source)],
         fault=[Action(f"{step.title}: {settings} in the env file of {role}, then restart it", disable_ingest)],

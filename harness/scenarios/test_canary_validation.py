@@ -14,16 +14,24 @@ from typing import Any
 import pytest
 
 from canary.checks import (
-    CanaryOutcome, CheckResult, archive_keys, canary_argv, check_archive, check_audit, check_canary_line,
-    check_canary_run, run_canary,
+    CanaryOutcome,
+    CheckResult,
+    archive_keys,
+    canary_argv,
+    check_archive,
+    check_audit,
+    check_canary_line,
+    check_canary_run,
+    run_canary,
 )
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal
-from harness.runbook import Runbook, Source
+from quantlab_chaos import items
+from quantlab_chaos.runbook import Runbook, Source
 
-ITEM = "canary"
+ITEM = items.CANARY
 # The command is run as written; its length comes from GO_LIVE_CANARY_SECONDS (CONTRACT section 2), not a flag.
 CANARY_SECONDS = "2"
 CANARY_DEADLINE_S = 60.0

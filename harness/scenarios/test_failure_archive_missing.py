@@ -19,11 +19,12 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, violation
-from quantlab_chaos.waiting import wait_until
-from harness.runbook import Failure, Runbook
+from quantlab_chaos import items
 from quantlab_chaos.envfile import EnvFile
+from quantlab_chaos.runbook import Failure, Runbook
+from quantlab_chaos.waiting import wait_until
 
-ITEM = "failure:archive-missing"
+ITEM = items.ARCHIVE_MISSING
 ARCHIVE_ROOT = archive_keys("")[0].split("replay_run_id=")[0]
 # Long enough to cut S3 after the run has connected to the exchange, short enough to keep the scenario quick.
 MID_RUN_CANARY_S = 3

@@ -20,21 +20,34 @@ from pathlib import Path
 
 import pytest
 
-from canary.checks import (
-    BUDGET_AUDIT_ACTION, GUARD_AUDIT_ACTION, CanaryOutcome, CheckResult, archive_keys, audit_entries, check_canary_run,
-    check_limit_audited, check_manifest_stop_reason, check_run_stop_audited, find_run, run_self_test,
-)
+from canary.checks import CanaryOutcome, CheckResult, archive_keys, audit_entries, check_canary_run, run_self_test
 from canary.process import CommandResult
+from canary.stops import (
+    BUDGET_AUDIT_ACTION,
+    GUARD_AUDIT_ACTION,
+    check_limit_audited,
+    check_manifest_stop_reason,
+    check_run_stop_audited,
+    find_run,
+)
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import (
-    Action, Experiment, Observation, Probe, Slot, Tolerance, command_observation, holds,
+    Action,
+    Experiment,
+    Observation,
+    Probe,
+    Slot,
+    Tolerance,
+    command_observation,
+    holds,
 )
 from harness.journal import Journal, violation
+from quantlab_chaos import items
+from quantlab_chaos.runbook import Failure, Runbook
 from quantlab_chaos.waiting import eventually
-from harness.runbook import Failure, Runbook
 
-ITEM = "failure:budget-guard-stops"
+ITEM = items.BUDGET_GUARD_STOPS
 FAILURE = "budget-guard-stops"
 
 # CONTRACT section 2 and 6: the env that sets each limit, the names the audit trail gives them, and the stop

@@ -12,9 +12,10 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, holds
 from harness.journal import Journal
-from harness.runbook import Runbook
+from quantlab_chaos import items
+from quantlab_chaos.runbook import Runbook
 
-ITEM = "failure:live-ws-disabled"
+ITEM = items.LIVE_WS_DISABLED
 REFUSAL_DEADLINE_S = 20.0  # the live runner refuses at start; Restart= may bring it back meanwhile
 CONNECT_DEADLINE_S = 15.0
 
@@ -42,14 +43,16 @@ def test_live_ws_disabled(quantlab: QuantLabEnvironment, runbook_model: Runbook,
     def canary_with_fix() -> Observation:
         return kit.canary_observation(quantlab, kit.canary(quantlab, runbook_model, extra_env=enable), kit.now())
 
+    def disable() -> None:
+        known.update(c.id for c in quantlab.exchange.record().connections)
+        quantlab.edit_env("live", set={flag: "0"})
+        quantlab.start("live", check=False)
+
     journal.run(Experiment(
         ITEM,
         setup=[kit.start(quantlab, "observer")],
         steady_state=[kit.healthy_canary(quantlab, runbook_model)],
-        fault=[Action(f"{flag}=0 in the live runner's env file, then start the live runner service", lambda: (
-            known.update(c.id for c in quantlab.exchange.record().connections),
-            quantlab.edit_env("live", set={flag: "0"}),
-            quantlab.start("live", check=False)))],
+        fault=[Action(f"{flag}=0 in the live runner's env file, then start the live runner service", disable)],
         symptom=[Probe("the live runner", refused, holds(f"Symptom: {failure.symptom}", failure.symptom_source),
                        deadline_s=REFUSAL_DEADLINE_S)],
         fix=[Action(f"Fix: {failure.fix} (in the live runner's env file, then restart it)", lambda: (

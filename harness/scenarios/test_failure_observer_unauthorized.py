@@ -14,22 +14,31 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from canary.checks import CheckResult, check_stop_answer, check_unauthorized
+from canary.checks import CheckResult
+from canary.stops import check_stop_answer, check_unauthorized
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal
-from harness.runbook import Failure, Runbook
 from harness.live_probes import (
-    STOP_DEADLINE_S, Ingest, connection_ids, listed_stopped, live_run_setup, stops_taking_events, taking_events,
+    STOP_DEADLINE_S,
+    Ingest,
+    connection_ids,
+    listed_stopped,
+    live_run_setup,
+    stops_taking_events,
+    taking_events,
 )
+from quantlab_chaos import items
+from quantlab_chaos.runbook import Failure, Runbook
 
-ITEM = "failure:observer-unauthorized"
+ITEM = items.OBSERVER_UNAUTHORIZED
 TOKEN_PLACEHOLDER = "<token>"
 # Where a misconfigured client might put the token instead of the header.
 QUERY_NAMES = ("token", "access_token")
@@ -203,7 +212,7 @@ def recovered(quantlab: QuantLabEnvironment, journal: Journal, runbook: Runbook,
         return Observation(response.status_code == httpx.codes.OK, f"{method} {path} answered {response.status_code}")
 
     probes = [Probe(f"{request.method} {request.path} with the prescribed header",
-                    lambda request=request: answered(request.method, request.path),
+                    partial(answered, request.method, request.path),
                     holds(f"{after}: {request.path} answers 200", failure.fix_source), deadline_s=RECOVERY_DEADLINE_S)
               for request in runbook.health_checks]
     if runbook.kill_switch is not None:

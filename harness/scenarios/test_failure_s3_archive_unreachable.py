@@ -18,14 +18,15 @@ from canary.checks import Runner, archive_keys, check_archive, check_canary_line
 from canary.process import CommandResult
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from harness.fakes.toxiproxy import ChaosProxy
 from harness.experiment import Action, Experiment, Observation, Probe, command_observation, holds
+from harness.fakes.toxiproxy import ChaosProxy
 from harness.journal import Journal, violation
 from harness.ports import free_port
-from harness.runbook import Failure, Runbook
+from quantlab_chaos import items
 from quantlab_chaos.envfile import EnvFile
+from quantlab_chaos.runbook import Failure, Runbook
 
-ITEM = "failure:s3-archive-unreachable"
+ITEM = items.S3_ARCHIVE_UNREACHABLE
 # A deadline of ours: QuantLab sets no S3 timeout, so a fault may hang a command; the harness stops it here and
 # reports `did not finish in N s` (never the symptom). The twin bounds each S3 call at 3 s, and its canary's run
 # (2 s), archive write and audit flush fit well inside.

@@ -7,6 +7,7 @@ exchange has no connection, or the live run's), then the answers are judged as c
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import httpx
@@ -17,10 +18,11 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Experiment, Observation, Probe, holds
 from harness.journal import Journal
-from harness.runbook import HttpRequest, Runbook, Source
 from harness.live_probes import Ingest, connection_ids, live_run_setup, taking_events
+from quantlab_chaos import items
+from quantlab_chaos.runbook import HttpRequest, Runbook, Source
 
-ITEM = "health-checks"
+ITEM = items.HEALTH_CHECKS
 HEALTH, RUNS = "health", "runs"
 
 
@@ -62,10 +64,10 @@ def requests_answered(quantlab: QuantLabEnvironment, runbook: Runbook, state: st
 
     probes = []
     for request in runbook.health_checks:
-        probes.append(Probe(f"`{request.text}`", lambda request=request: answered(request),
+        probes.append(Probe(f"`{request.text}`", partial(answered, request),
                             holds(f"{request.path} answers 200 with a JSON object ({state})", request.source)))
         if kind(request) is not None:
-            probes.append(Probe(f"the fields of {request.path}", lambda request=request: shape(client, request),
+            probes.append(Probe(f"the fields of {request.path}", partial(shape, client, request),
                                 holds(f"{request.path} has the documented fields ({state})", request.source)))
     return probes
 

@@ -23,18 +23,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import psutil
 import pytest
 
-from canary.checks import ObserverClient, archive_keys, audit_entries, find_run
+from canary.checks import ObserverClient, archive_keys, audit_entries
+from canary.stops import find_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.fakes.binance import FakeBinance, Record, parse_stream_name
 from harness.plugin import teardown_named
+from quantlab_chaos.runbook import Runbook
 from quantlab_chaos.waiting import eventually, wait_until
-from harness.runbook import Runbook
 
 pytestmark = [pytest.mark.hostile, pytest.mark.timeout(120)]
 
@@ -132,7 +134,7 @@ class Watched:
                 return False
             if view.get("last_event_ts") != seen[0]:
                 seen[:] = [view.get("last_event_ts"), time.monotonic()]
-            return time.monotonic() - seen[1] >= QUIET_S
+            return bool(time.monotonic() - seen[1] >= QUIET_S)
 
         # A slow poll: the observer allows 120 requests a minute per path.
         wait_until(quiet, timeout=15.0, interval=0.3, what=f"the live run going quiet for {QUIET_S} s")
@@ -195,7 +197,7 @@ def warn_canary(env: QuantLabEnvironment, runbook: Runbook) -> Iterator[Watched]
     env.start("observer")
     client = kit.observer_client(env)
     before = kit.running_ids(client)
-    process = kit._spawn_canary(env, warn, 90, "steady")  # noqa: SLF001 - the kit's spawner, reaper included
+    process = kit._spawn_canary(env, warn, 90, "steady")
     try:
         new = wait_until(lambda: kit.running_ids(client) - before, timeout=20, interval=0.1,
                          what="the WARN canary's run RUNNING in /observer/runs")
@@ -204,7 +206,7 @@ def warn_canary(env: QuantLabEnvironment, runbook: Runbook) -> Iterator[Watched]
                    what="events reaching the WARN canary's run")
         yield Watched(env, kit.LiveRun(run_id, "canary", process), client)
     finally:
-        kit._stop_group(process)  # noqa: SLF001
+        kit.stop_group(process)
 
 
 # -- frames the run must ignore or count once -----------------------------------------------------------------
@@ -250,8 +252,11 @@ def test_strict_run_ends_as_error_on_an_out_of_order_event(quantlab: QuantLabEnv
         before = run.drain()
         assert run.fake.send_out_of_order(count=1, age_ms=1500) == 1
         views: list[dict[str, Any]] = []
-        eventually(lambda: views.append(run.view()) or views[-1].get("status") not in (None, "RUNNING"),
-                   timeout=ERROR_DEADLINE_S, interval=0.25)
+        def ended() -> bool:
+            views.append(run.view())
+            return views[-1].get("status") not in (None, "RUNNING")
+
+        eventually(ended, timeout=ERROR_DEADLINE_S, interval=0.25)
         view = views[-1]
         assert (view.get("status"), view.get("stop_reason")) == ("ERROR", "ERROR"), (
             f"an out-of-order event should end a STRICT run as ERROR within {ERROR_DEADLINE_S:.0f} s; the observer "
@@ -339,6 +344,10 @@ def test_connection_hostility_keeps_the_run_and_its_count(kind: str, quantlab: Q
         assert_counted_once(run.stop_and_stats(), record, what)
 
 
+def _more_connections(before: int, record: Record) -> bool:
+    return len(record.connections) > before
+
+
 def test_reconnect_backoff_follows_the_contract(quantlab: QuantLabEnvironment, runbook_model: Runbook) -> None:
     """Two drops of connections that deliver nothing: the waits before the reconnects are ~2 s, then ~4 s."""
     with watched(quantlab, runbook_model) as run:
@@ -348,7 +357,7 @@ def test_reconnect_backoff_follows_the_contract(quantlab: QuantLabEnvironment, r
             connected = len(run.fake.record().connections)
             run.fake.drop_connections()
             dropped_at = run.fake.record().faults[-1].at
-            record = run.fake.wait_for(lambda r: len(r.connections) > connected, timeout=15,
+            record = run.fake.wait_for(partial(_more_connections, connected), timeout=15,
                                        what=f"reconnect {n + 1} after a drop")
             delays.append(record.connections[-1].opened_at - dropped_at)
         for n, delay in enumerate(delays):

@@ -13,20 +13,26 @@ import uuid
 import httpx
 import pytest
 
-from canary.checks import (
-    MANUAL_STOP, CheckResult, check_manifest_stop_reason, check_stop_answer, check_stop_audited, check_unknown_run,
-)
+from canary.checks import CheckResult
+from canary.stops import MANUAL_STOP, check_manifest_stop_reason, check_stop_answer, check_stop_audited, check_unknown_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Probe, Slot, holds
 from harness.journal import Journal
 from harness.live_probes import (
-    FINISH_DEADLINE_S, STOP_DEADLINE_S, Ingest, carrier_ends, listed_stopped, live_run_setup, stops_taking_events,
+    FINISH_DEADLINE_S,
+    STOP_DEADLINE_S,
+    Ingest,
+    carrier_ends,
+    listed_stopped,
+    live_run_setup,
+    stops_taking_events,
     taking_events,
 )
-from harness.runbook import HttpRequest, Runbook
+from quantlab_chaos import items
+from quantlab_chaos.runbook import HttpRequest, Runbook
 
-ITEM = "kill-switch"
+ITEM = items.KILL_SWITCH
 
 
 def stop_of(env: QuantLabEnvironment, request: HttpRequest, ingest: Ingest, answer: Slot[httpx.Response],

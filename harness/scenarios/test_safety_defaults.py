@@ -21,27 +21,37 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from canary.checks import BUDGET_AUDIT_ACTION, CanaryOutcome, audit_entries
+from canary.checks import CanaryOutcome, audit_entries
+from canary.stops import BUDGET_AUDIT_ACTION
 from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import (
-    Action, Experiment, Observation, Probe, Tolerance, command_observation, equals, holds,
+    Action,
+    Experiment,
+    Observation,
+    Probe,
+    Tolerance,
+    command_observation,
+    equals,
+    holds,
 )
 from harness.journal import Journal
-from quantlab_chaos.waiting import eventually
-from harness.runbook import Runbook, Setting, Source
-from harness.services import cgroup_settings
+from harness.sysd.cgroups import cgroup_settings
+from harness.sysd.deploy import DEPLOY_ROOT, RESOLVABLE_BINARIES
+from harness.sysd.unitfile import Directive, UnitFile, parse_unit
+from harness.sysd.values import parse_cpu_quota, parse_memory_limit, parse_timespan
 from harness.target import Target
-from harness.units import (
-    DEPLOY_ROOT, RESOLVABLE_BINARIES, Directive, UnitError, UnitFile, parse_cpu_quota, parse_memory_limit,
-    parse_timespan, parse_unit,
-)
+from quantlab_chaos import items
+from quantlab_chaos.errors import UnitError
+from quantlab_chaos.runbook import Runbook, Setting, Source
+from quantlab_chaos.waiting import eventually
 
-ITEM = "safety-defaults"
+ITEM = items.SAFETY_DEFAULTS
 
 # Where systemd reads each directive from, current spelling first (systemd.unit(5), systemd.service(5)).
 # StartLimit*= moved to [Unit]; [Service] still accepts the old StartLimitInterval= and StartLimitBurst=.
@@ -89,10 +99,10 @@ def test_service_units_carry_the_safety_directives(quantlab_target: Target, runb
                             f"line {directive.line}: systemd still reads it; the current spelling is [Unit] {current}=",
                             severity="info")
     journal.measure("units_checked", [unit.name for unit in units])
-    checks = [Probe(path, lambda path=path: _read(quantlab_target, path),
+    checks = [Probe(path, partial(_read, quantlab_target, path),
                     holds(f"the unit file {path} is in the checkout and systemd reads it", source))
               for path, source in listed]
-    checks += [Probe(unit.name, lambda unit=unit, setting=setting: _carries(unit, setting),
+    checks += [Probe(unit.name, partial(_carries, unit, setting),
                      holds(f"every service unit carries {setting.name}={setting.value}", setting.source))
                for setting in settings for unit in units]
     if not settings:
@@ -194,7 +204,7 @@ def test_decision_rate_limit_default_observed_in_a_live_run(quantlab: QuantLabEn
 
     journal.run(Experiment(
         f"{ITEM} ({RATE_ENV} default)",
-        steady_state=[Probe(f"the run's environment", unset, holds(f"{RATE_ENV} is left unset for this run")),
+        steady_state=[Probe("the run's environment", unset, holds(f"{RATE_ENV} is left unset for this run")),
                       kit.healthy_canary(quantlab, runbook_model)],
         checks=[Probe(f"a chatty strategy's run, {RATE_ENV} unset, a burst of {burst} events",
                       lambda: _rate_budget_fired_at(journal, quantlab, runbook_model, burst),
@@ -224,7 +234,7 @@ def test_event_and_run_time_limit_defaults_read_from_source_no_behavioural_probe
                            {"found": places, "conflicts": conflicts}, final=True)
 
     journal.run(Experiment(f"{ITEM} (limit defaults in the source)", steady_state=[], checks=[
-        Probe(f"the target's source ({setting.name})", lambda setting=setting: read(setting),
+        Probe(f"the target's source ({setting.name})", partial(read, setting),
               holds(f"{setting.name} defaults to {setting.value} (read from the target's source: no behavioural probe "
                     "is affordable)", setting.source))
         for setting in limits]))
@@ -300,7 +310,8 @@ def _default_in_source(files: list[Path], root: Path, setting: Setting) -> tuple
     """(places where the runbook's value is the default next to the name, places with another default there)."""
     wanted = float(setting.value)
     name = re.compile(rf"\b{re.escape(setting.name)}\b")
-    found, conflicts = [], []
+    found: list[str] = []
+    conflicts: list[str] = []
     for path in files:
         lines = path.read_text(errors="replace").splitlines()
         for index, line in enumerate(lines):
@@ -358,7 +369,7 @@ def test_units_pass_systemd_analyze_verify(quantlab_target: Target, runbook_mode
                            {"complaints": complaints}, final=True)
 
     journal.run(Experiment(f"{ITEM} (systemd-analyze verify)", steady_state=[], checks=[
-        Probe(f"systemd-analyze verify {Path(path).name}", lambda path=path: verified(path),
+        Probe(f"systemd-analyze verify {Path(path).name}", partial(verified, path),
               holds(f"the unit file {path} is in the checkout and systemd-analyze verify accepts it (deploy root -> "
                     "checkout)", source))
         for path, source in runbook_model.unit_files]))
@@ -415,18 +426,17 @@ def test_memory_and_cpu_limits_are_applied_or_reported(quantlab: QuantLabEnviron
     pending = [(role, unit) for role, unit in services if quantlab.status(role).limits.reason.startswith("pending")]
     report: dict[str, str] = {}
     journal.measure("limits", report)
-    checks = [Probe(f"{unit}'s limits", lambda role=role, unit=unit, setting=setting: _applied(
-                  journal, quantlab, role, unit, setting, report),
+    checks = [Probe(f"{unit}'s limits", partial(_applied, journal, quantlab, role, unit, setting, report),
                     holds(f"{unit} runs with {setting.name}={setting.value}", setting.source))
               for role, unit in services for setting in limits]
     journal.run(Experiment(
         f"{ITEM} (MemoryMax=/CPUQuota= applied)",
         setup=[Action(f"start {unit} (the supervisor applies its limits at start)",
-                      lambda role=role: quantlab.start(role, check=False)) for role, unit in pending],
+                      partial(quantlab.start, role, check=False)) for role, unit in pending],
         steady_state=[],
         checks=checks or [Probe("the listed service units", lambda: Observation(False, "no service unit to check"),
                                 holds("every service unit carries the limits", _section(runbook_model)))],
-        rollbacks=[Action(f"stop {unit}", lambda role=role: quantlab.stop(role)) for role, unit in pending],
+        rollbacks=[Action(f"stop {unit}", partial(quantlab.stop, role)) for role, unit in pending],
     ))
 
 
@@ -459,7 +469,8 @@ def _applied(journal: Journal, env: QuantLabEnvironment, role: str, unit: str, s
     seen = f"the supervisor applies {setting.name} {applied}"
     ok = _same(applied, wanted)
     if limits.enforced and limits.cgroup:
-        [(name, value)] = cgroup_settings(wanted if memory else None, None if memory else wanted).items()
+        memory_bytes = int(wanted) if memory and wanted is not None else None
+        [(name, value)] = cgroup_settings(memory_bytes, None if memory else wanted).items()
         path = Path(limits.cgroup) / name
         actual = path.read_text().strip() if path.exists() else "absent"
         seen += f"; {path} is {actual} (expected {value})"

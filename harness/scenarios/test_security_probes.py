@@ -19,17 +19,23 @@ import allure
 import httpx
 import pytest
 
-from canary.checks import RATE_LIMIT_PER_MIN, STOP_RATE_LIMIT_PER_MIN, TOO_MANY_REQUESTS_STATUS, find_run
+from canary.stops import RATE_LIMIT_PER_MIN, STOP_RATE_LIMIT_PER_MIN, TOO_MANY_REQUESTS_STATUS, find_run
 from harness import kit
 from harness.environment import QuantLabEnvironment
-from quantlab_chaos.errors import HarnessError
 from harness.reporting import SECURITY_PROPERTY
-from harness.runbook import Runbook
 from harness.secrets_scan import SecretSet
 from harness.security import (
-    PROBE_TIMEOUT_S, SecurityReport, is_loopback, listening_sockets, probe_after_limit, probe_observer_auth,
-    probe_open_port, probe_rate_limit,
+    PROBE_TIMEOUT_S,
+    SecurityReport,
+    is_loopback,
+    listening_sockets,
+    probe_after_limit,
+    probe_observer_auth,
+    probe_open_port,
+    probe_rate_limit,
 )
+from quantlab_chaos.errors import HarnessError
+from quantlab_chaos.runbook import Runbook
 
 pytestmark = pytest.mark.security
 

@@ -18,10 +18,11 @@ from harness import kit
 from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Experiment, Observation, Probe, command_observation, holds
 from harness.journal import Journal
-from harness.runbook import Runbook, ShellCommand, Source
 from harness.target import CONFIG_CHECK, SELF_TEST
+from quantlab_chaos import items
+from quantlab_chaos.runbook import Runbook, ShellCommand, Source
 
-ITEM = "self-test"
+ITEM = items.SELF_TEST
 DEADLINE_S = 20.0
 # CONTRACT section 4: the self-test step that talks to the bucket first, and ConfigCheck's line for a missing name.
 S3_STEP = "s3_reachable"

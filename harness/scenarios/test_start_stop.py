@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,17 @@ import psutil
 import pytest
 
 from harness.environment import QuantLabEnvironment, ServiceWiring
-from quantlab_chaos.errors import HarnessError
 from harness.experiment import Action, Experiment, Observation, Probe, Slot, holds
 from harness.journal import Journal, violation
-from quantlab_chaos.waiting import eventually
-from harness.runbook import Runbook, Source, SystemctlCommand, load_runbook
-from harness.services import ServiceStatus
+from harness.sysd.status import ServiceStatus
+from harness.sysd.unitfile import parse_unit
 from harness.target import Target
-from quantlab_chaos.errors import UnitError
-from harness.units import parse_unit
+from quantlab_chaos import items
+from quantlab_chaos.errors import HarnessError, UnitError
+from quantlab_chaos.runbook import Runbook, Source, SystemctlCommand, load_runbook
+from quantlab_chaos.waiting import eventually, until_deadline
 
-ITEM = "start-stop"
+ITEM = items.START_STOP
 VERBS = ("start", "stop", "restart", "status")
 SYSTEMD_ACTIVE_STATES = ("active", "reloading", "inactive", "failed", "activating", "deactivating")
 PROCESS_GONE_S = 5.0
@@ -145,12 +146,14 @@ def _runs_here(env: QuantLabEnvironment, role: str, started: Slot[ServiceStatus]
 def _settled(env: QuantLabEnvironment, role: str, started: ServiceStatus) -> ServiceStatus:
     """The status once the unit stayed up STABLE_S with its first main PID, or as soon as it did not (a unit that
     crashes at once and is restarted by Restart= looks active for moments only)."""
-    deadline = time.monotonic() + STABLE_S
-    now = env.status(role)
-    while time.monotonic() < deadline and _stayed_up(started, now):
-        time.sleep(0.1)
-        now = env.status(role)
-    return now
+    latest = [env.status(role)]
+
+    def went_down() -> bool:
+        latest[0] = env.status(role)
+        return not _stayed_up(started, latest[0])
+
+    until_deadline(went_down, time.monotonic() + STABLE_S, interval=0.1)
+    return latest[0]
 
 
 def _stayed_up(started: ServiceStatus, now: ServiceStatus) -> bool:
@@ -392,7 +395,7 @@ def test_systemctl_examples_name_listed_units(quantlab: QuantLabEnvironment, run
                            f"{command.unit} is {'listed' if command.unit in listed else 'not listed'} in the runbook "
                            f"and {'present' if present else 'absent'} in {root}")
 
-    examples = [Probe(command.text, lambda command=command: names_a_listed_unit(command),
+    examples = [Probe(command.text, partial(names_a_listed_unit, command),
                       holds(f"{command.text} acts on a known unit file of the checkout", command.source))
                 for command in runbook_model.systemctl]
     none_shown = Probe("the Start / Stop section", lambda: Observation(False, "it shows no systemctl command"),

@@ -1,270 +1,39 @@
-"""The runbook as a typed model, parsed with markdown-it-py.
+"""Parsing the runbook with markdown-it-py.
 
-Sections are recognised by what their headings say (not by position), failures by their words and the
-identifiers in them (not by their number), so reordered sections, extra prose and renumbering parse the same.
-Every extracted value keeps the runbook line it came from, so a failing check can quote it.
+Sections are recognised by what their headings say (not by position), failures by their words and the identifiers in
+them (not by their number), both through the vocabulary in quantlab_chaos.items, so reordered sections, extra prose and
+renumbering parse the same.
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
 
+from quantlab_chaos import items
 from quantlab_chaos.errors import ConfigError
-
-# Section kinds, tested in this order against the heading text (first match wins).
-SECTION_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("kill_switch", re.compile(r"kill[- ]?switch", re.I)),
-    ("safety_defaults", re.compile(r"safety|defaults|limits", re.I)),
-    ("failures", re.compile(r"fail", re.I)),
-    ("break_glass", re.compile(r"break[- ]?glass|emergency", re.I)),
-    ("canary", re.compile(r"canary", re.I)),
-    ("health_checks", re.compile(r"health|self[- ]?test", re.I)),
-    ("start_stop", re.compile(r"start|stop|systemd|services", re.I)),
-)
-
-# The runbook's failures, recognised by title words or the identifiers they name. A failure no recogniser
-# matches still parses (its id is a slug of its title) and shows up as drift: an item with no scenario.
-FAILURE_RECOGNISERS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("s3-archive-unreachable", re.compile(r"s3.*(unreachable|down|unavailable)|RUN_ARCHIVE_S3_", re.I)),
-    ("observer-unauthorized", re.compile(r"unauthori[sz]ed|\b401\b", re.I)),
-    ("live-ws-disabled", re.compile(r"live\s*ws.*disabled|CORE_LIVE_WS_DISABLED", re.I)),
-    ("budget-guard-stops", re.compile(r"budget|guard|BUDGET_EXCEEDED|PROMOTION_GUARD_FAIL", re.I)),
-    ("archive-missing", re.compile(r"archive.*missing|missing.*archive|archive check", re.I)),
-)
-BREAK_GLASS_RECOGNISERS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("stop-live-runs", re.compile(r"stop.*run", re.I)),
-    ("rotate-observer-token", re.compile(r"rotate|token", re.I)),
-    ("disable-live-ws", re.compile(r"disable.*(ws|ingest)|CORE_LIVE_WS_ENABLED=0", re.I)),
+from quantlab_chaos.runbook.model import (
+    BreakGlassStep,
+    Failure,
+    HttpRequest,
+    Identifiers,
+    Runbook,
+    Setting,
+    ShellCommand,
+    Source,
+    SystemctlCommand,
 )
 
 ENV_ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=(\S*)$")
 UPPER_NAME = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+_?\*?$")
 HTTP_STATUS = re.compile(r"(?<![\w./:-])([1-5]\d\d)(?![\w/:-]|\.\w)")
 UNIT_NAME = re.compile(r"[\w.@-]+\.(?:service|timer|socket|target)")
-ENV_REFERENCE = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)\}?")
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a value stands in the runbook (1-based line) and that line's text, for messages."""
-
-    line: int
-    text: str
-
-    def __str__(self) -> str:
-        return f"runbook line {self.line}: {self.text.strip()}"
-
-
-@dataclass(frozen=True)
-class Identifiers:
-    """The identifiers inside a piece of runbook text."""
-
-    env_names: tuple[str, ...] = ()
-    env_values: tuple[tuple[str, str], ...] = ()
-    codes: tuple[str, ...] = ()
-    http_statuses: tuple[int, ...] = ()
-    ports: tuple[int, ...] = ()
-    paths: tuple[str, ...] = ()
-    commands: tuple[str, ...] = ()
-    units: tuple[str, ...] = ()
-    other_literals: tuple[str, ...] = ()
-
-    def env(self) -> dict[str, str]:
-        return dict(self.env_values)
-
-
-@dataclass(frozen=True)
-class SystemctlCommand:
-    action: str
-    unit: str
-    sudo: bool
-    text: str
-    source: Source
-
-
-@dataclass(frozen=True)
-class HttpRequest:
-    """A curl command from the runbook as method, URL and headers."""
-
-    method: str
-    url: str
-    headers: tuple[tuple[str, str], ...]
-    text: str
-    source: Source
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
-
-    @property
-    def path(self) -> str:
-        parts = urlsplit(self.url)
-        return parts.path + (f"?{parts.query}" if parts.query else "")
-
-    def url_for(self, base_url: str, **placeholders: str) -> str:
-        """The URL with host and port replaced by `base_url`, and `<name>` placeholders filled in."""
-        path = self.path
-        for name, value in placeholders.items():
-            path = path.replace(f"<{name}>", value)
-        return base_url.rstrip("/") + path
-
-    def header_values(self, env: Mapping[str, str]) -> dict[str, str]:
-        """Headers with `$VAR` references expanded from `env` (missing variables expand to empty, as in a shell)."""
-        return {name: ENV_REFERENCE.sub(lambda m: env.get(m.group(1), ""), value) for name, value in self.headers}
-
-    def placeholders(self) -> list[str]:
-        return re.findall(r"<([a-z_]+)>", self.path)
-
-
-@dataclass(frozen=True)
-class ShellCommand:
-    text: str
-    argv: tuple[str, ...]
-    source: Source
-
-
-@dataclass(frozen=True)
-class Failure:
-    id: str
-    number: int | None
-    title: str
-    symptom: str
-    fix: str
-    symptom_ids: Identifiers
-    fix_ids: Identifiers
-    source: Source
-    symptom_source: Source
-    fix_source: Source
-
-
-@dataclass(frozen=True)
-class BreakGlassStep:
-    id: str
-    title: str
-    text: str
-    ids: Identifiers
-    requests: tuple[HttpRequest, ...]
-    systemctl: tuple[SystemctlCommand, ...]
-    source: Source
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A `NAME=value` the runbook prescribes (a unit directive or an env limit)."""
-
-    name: str
-    value: str
-    source: Source
-
-
-@dataclass(frozen=True)
-class RunbookItem:
-    """One provable thing in the runbook: scenarios are tagged with these ids."""
-
-    id: str
-    section: str
-    title: str
-    source: Source
-
-
-@dataclass
-class Runbook:
-    path: Path
-    title: str
-    sections: list[tuple[str, str, Source]] = field(default_factory=list)  # (kind, heading, source)
-    unit_files: list[tuple[str, Source]] = field(default_factory=list)
-    systemctl: list[SystemctlCommand] = field(default_factory=list)
-    health_checks: list[HttpRequest] = field(default_factory=list)
-    self_tests: list[ShellCommand] = field(default_factory=list)
-    kill_switch: HttpRequest | None = None
-    canary: ShellCommand | None = None
-    canary_expected: list[tuple[str, Source]] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    break_glass: list[BreakGlassStep] = field(default_factory=list)
-    unit_directives: list[Setting] = field(default_factory=list)
-    env_limits: list[Setting] = field(default_factory=list)
-    unknown_sections: list[tuple[str, Source]] = field(default_factory=list)
-
-    # lookups used by scenarios
-    def failure(self, failure_id: str) -> Failure:
-        for failure in self.failures:
-            if failure.id == failure_id:
-                return failure
-        raise KeyError(f"the runbook {self.path} has no failure '{failure_id}' (it has: {[f.id for f in self.failures]})")
-
-    def break_glass_step(self, step_id: str) -> BreakGlassStep:
-        for step in self.break_glass:
-            if step.id == step_id:
-                return step
-        raise KeyError(f"the runbook {self.path} has no break-glass step '{step_id}'")
-
-    def section_source(self, kind: str) -> Source:
-        for section_kind, _, source in self.sections:
-            if section_kind == kind:
-                return source
-        raise KeyError(f"the runbook {self.path} has no {kind} section")
-
-    def unit_directive(self, name: str) -> Setting:
-        return _find_setting(self.unit_directives, name, self.path)
-
-    def env_limit(self, name: str) -> Setting:
-        return _find_setting(self.env_limits, name, self.path)
-
-    def unit_names(self) -> list[str]:
-        return [Path(path).name for path, _ in self.unit_files]
-
-    def items(self) -> list[RunbookItem]:
-        """Every item a scenario must prove, in runbook order."""
-        items: list[RunbookItem] = []
-        for kind, heading, source in self.sections:
-            if kind == "failures":
-                items += [RunbookItem(f"failure:{f.id}", heading, f.title, f.source) for f in self.failures]
-            elif kind == "break_glass":
-                items += [RunbookItem(f"break-glass:{s.id}", heading, s.title, s.source) for s in self.break_glass]
-            elif kind == "health_checks":
-                if self.health_checks:
-                    items.append(RunbookItem("health-checks", heading, "Observer API health checks", self.health_checks[0].source))
-                if self.self_tests:
-                    items.append(RunbookItem("self-test", heading, "Config check and self-test", self.self_tests[0].source))
-            else:
-                items.append(RunbookItem(kind.replace("_", "-"), heading, heading, source))
-        return items
-
-    def item(self, item_id: str) -> RunbookItem:
-        for item in self.items():
-            if item.id == item_id:
-                return item
-        raise KeyError(f"the runbook {self.path} has no item '{item_id}'")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        data["items"] = [asdict(item) for item in self.items()]
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
-
-
-def _find_setting(settings: list[Setting], name: str, path: Path) -> Setting:
-    for setting in settings:
-        if setting.name == name:
-            return setting
-    raise KeyError(f"the runbook {path} prescribes no {name}")
 
 
 def load_runbook(path: str | Path) -> Runbook:
@@ -331,10 +100,7 @@ def _sections(tree: SyntaxTreeNode) -> Iterator[tuple[SyntaxTreeNode, list[Synta
 
 
 def _section_kind(heading: str) -> str | None:
-    for kind, pattern in SECTION_PATTERNS:
-        if pattern.search(heading):
-            return kind
-    return None
+    return items.recognise(items.SECTION_PATTERNS, heading)
 
 
 def _inline_text(node: SyntaxTreeNode) -> str:
@@ -437,7 +203,8 @@ def _names_env(name: str, text: str) -> bool:
     around = re.search(rf"(\w+\s+)?(?:the\s+)?(?:new\s+)?`{re.escape(name)}`(\s+\w+)?", text)
     before = (around.group(1) or "").strip().lower() if around else ""
     after = (around.group(2) or "").strip().lower() if around else ""
-    return before in {"set", "with", "export", "unset", "verify", "check"} or after in {"env", "environment", "variable", "value", "values", "in"}
+    return (before in {"set", "with", "export", "unset", "verify", "check"}
+            or after in {"env", "environment", "variable", "value", "values", "in"})
 
 
 # --- section parsers ----------------------------------------------------------------------------------------
@@ -506,7 +273,7 @@ def _failure(item: SyntaxTreeNode, number: int | None, lines: list[str], path: P
             f"{path} line {_source(item, lines).line}: the failure '{title}' has no '{missing}' bullet. Each failure in "
             "'Most Common Failures' needs a '- Symptom: ...' and a '- Fix: ...' sub-bullet."
         )
-    failure_id = _recognise(FAILURE_RECOGNISERS, f"{title} {symptom}") or _slug(title)
+    failure_id = items.recognise_failure(f"{title} {symptom}") or _slug(title)
     return Failure(
         id=failure_id, number=number, title=title, symptom=symptom, fix=fix,
         symptom_ids=_symptom_identifiers(symptom), fix_ids=extract_identifiers(fix),
@@ -534,7 +301,7 @@ def _parse_break_glass(runbook: Runbook, blocks: list[SyntaxTreeNode], lines: li
             source = _source(item, lines)
             requests = tuple(r for r in (_curl(s, source) for s in spans) if r is not None)
             systemctl = tuple(c for c in (_systemctl(s, source) for s in spans) if c is not None)
-            step_id = _recognise(BREAK_GLASS_RECOGNISERS, title) or _slug(title)
+            step_id = items.recognise(items.BREAK_GLASS_RECOGNISERS, title) or _slug(title)
             runbook.break_glass.append(BreakGlassStep(step_id, title, whole, extract_identifiers(whole), requests, systemctl, source))
 
 
@@ -600,13 +367,6 @@ def _curl(text: str, source: Source) -> HttpRequest | None:
     if not url:
         return None
     return HttpRequest(method=method, url=url, headers=tuple(headers), text=text, source=source)
-
-
-def _recognise(recognisers: tuple[tuple[str, re.Pattern[str]], ...], text: str) -> str | None:
-    for item_id, pattern in recognisers:
-        if pattern.search(text):
-            return item_id
-    return None
 
 
 def _slug(text: str) -> str:
