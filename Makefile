@@ -70,6 +70,7 @@ prepare-target: ## unpack the real QuantLab snapshot (../shared/targets/) into ~
 lint: venv ## ruff and mypy --strict on the code, tests and benchmarks, as configured in pyproject.toml
 	$(Q)$(VENV)/bin/ruff check $(if $(VERBOSE),,--quiet)
 	$(Q)$(VENV)/bin/mypy $(if $(VERBOSE),,--no-error-summary)
+	@echo "lint: ruff and mypy --strict: clean"
 
 test: bootstrap browser lint test-twin test-harness ## ruff and mypy, the twin's node tests, then pytest (about 8 min)
 
