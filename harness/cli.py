@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from quantlab_chaos.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
+    from harness.systemd_analyze import UnitAnalysis
+    from harness.target import Target
     from quantlab_chaos.runbook import Runbook
 
 Command = Callable[[argparse.Namespace], int]
@@ -88,13 +90,35 @@ def _runbook_check(args: argparse.Namespace) -> int:
     target = Target.load(args.quantlab_root, args.runbook)
     runbook = load_runbook(target.runbook)
     drifts = check_drift(runbook, target)
+    units = _analysed_units(target)
     if args.json:
-        print(json.dumps(report(drifts, runbook, target), indent=2))
+        print(json.dumps({**report(drifts, runbook, target), "units": [unit.to_dict() for unit in units]}, indent=2))
     else:
         print(f"runbook {runbook.path} against {target.root}: {len(runbook.items())} items, {len(drifts)} mismatch(es)")
         for drift in drifts:
             print(f"  {drift}")
+        if units:
+            print("systemd-analyze (verify; security --offline=yes exposure, 0 safe to 10 unsafe):")
+        for unit in units:
+            exposure = f"exposure {unit.exposure:g} {unit.rating}" if unit.exposure is not None else "no exposure score"
+            verdict = "verifies" if unit.verifies else "does not verify: " + " | ".join(unit.complaints)
+            print(f"  {unit.unit}: {verdict}; {exposure}")
     return 1 if drifts else 0
+
+
+def _analysed_units(target: Target) -> list[UnitAnalysis]:
+    """systemd-analyze's verify and security on every unit of the checkout; none where systemd is not installed.
+    Reported beside the drift, not counted in the exit code: the runbook says nothing about sandboxing."""
+    import tempfile
+    from pathlib import Path
+
+    from harness import systemd_analyze
+
+    binary = systemd_analyze.tool()
+    if binary is None:
+        return []
+    with tempfile.TemporaryDirectory(prefix="quantlab-units-") as folder:
+        return systemd_analyze.analyse(target, Path(folder), binary)
 
 
 def format_runbook(rb: Runbook) -> str:

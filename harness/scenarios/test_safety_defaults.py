@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,7 +26,7 @@ import pytest
 
 from canary.checks import CanaryOutcome, audit_entries
 from canary.stops import BUDGET_AUDIT_ACTION
-from harness import kit
+from harness import kit, systemd_analyze
 from harness.environment import QuantLabEnvironment
 from harness.experiment import (
     Action,
@@ -42,7 +40,6 @@ from harness.experiment import (
 )
 from harness.journal import Journal
 from harness.sysd.cgroups import cgroup_settings
-from harness.sysd.deploy import DEPLOY_ROOT, RESOLVABLE_BINARIES
 from harness.sysd.unitfile import Directive, UnitFile, parse_unit
 from harness.sysd.values import parse_cpu_quota, parse_memory_limit, parse_timespan
 from harness.target import Target
@@ -79,7 +76,6 @@ SOURCE_SUFFIXES = (".js", ".mjs", ".cjs", ".ts", ".mts", ".py")
 NOT_SOURCE_PARTS = {"node_modules", "test", "tests", "__tests__", "docs", ".git"}
 CANARY_TIMEOUT_S = 60.0  # the harness kills a canary run past this: a hung observation
 RUN_DEADLINE_S = CANARY_TIMEOUT_S + 10  # waiting for the background run: its own kill, then a margin
-VERIFY_TIMEOUT_S = 60.0
 
 
 # -- the systemd settings ------------------------------------------------------------------------------------
@@ -349,64 +345,34 @@ def _constant_values(lines: list[str], constant: str) -> list[float]:
 @pytest.mark.runbook(ITEM)
 def test_units_pass_systemd_analyze_verify(quantlab_target: Target, runbook_model: Runbook, journal: Journal,
                                            tmp_path: Path) -> None:
-    """One check per listed unit; complaints about a binary this host lacks are findings, not the unit's fault."""
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
+    """One check per listed unit: systemd-analyze verify accepts it; each complaint is a finding in systemd's own
+    words, and each service's exposure (systemd-analyze security --offline=yes) is measured. Complaints about a
+    binary this host lacks are findings about the host, not the unit's fault."""
+    binary = systemd_analyze.tool()
+    if binary is None:
         pytest.skip("systemd-analyze is not installed here; install systemd to verify the unit files")
-    copies = _copies_with_checkout_root(quantlab_target, tmp_path / "units")
+    names = [Path(path).name for path, _ in runbook_model.unit_files]
+    analyses = {a.unit: a for a in systemd_analyze.analyse(quantlab_target, tmp_path / "units", binary, names)}
+    journal.measure("systemd_security_exposure", {name: {"exposure": a.exposure, "rating": a.rating,
+                                                         "exposed_by": a.exposed_by}
+                                                  for name, a in analyses.items() if name.endswith(".service")})
+    for analysis in analyses.values():
+        for complaint in analysis.host_complaints:
+            journal.finding("systemd-analyze: a binary of the unit is missing on this host",
+                            f"{analysis.unit}: {complaint}", severity="warning")
+        for complaint in analysis.complaints:
+            journal.finding(f"systemd-analyze verify: {analysis.unit}", complaint, severity="warning")
 
     def verified(path: str) -> Observation:
-        copy = copies.get(Path(path).name)
-        if copy is None:
-            return Observation(False, f"{quantlab_target.root / path} does not exist", final=True)
-        complaints = _verify(tool, copy)
-        own = [c for c in complaints if not _about_this_host(c)]
-        for complaint in complaints:
-            if _about_this_host(complaint):
-                journal.finding("systemd-analyze: a binary of the unit is missing on this host",
-                                f"{Path(path).name}: {complaint}", severity="warning")
-        return Observation(not own, " | ".join(own) or f"{Path(path).name}: no complaint of its own",
-                           {"complaints": complaints}, final=True)
+        analysis = analyses[Path(path).name]
+        return Observation(analysis.verifies, " | ".join(analysis.complaints) or f"{analysis.unit}: no complaint of "
+                           "its own", analysis.to_dict(), final=True)
 
     journal.run(Experiment(f"{ITEM} (systemd-analyze verify)", steady_state=[], checks=[
         Probe(f"systemd-analyze verify {Path(path).name}", partial(verified, path),
               holds(f"the unit file {path} is in the checkout and systemd-analyze verify accepts it (deploy root -> "
                     "checkout)", source))
         for path, source in runbook_model.unit_files]))
-
-
-def _copies_with_checkout_root(target: Target, folder: Path) -> dict[str, Path]:
-    """Every unit of the checkout copied into one folder (so a timer finds its service), deploy root rewritten."""
-    folder.mkdir(parents=True)
-    copies = {}
-    for name, path in target.units.items():
-        copy = folder / name
-        copy.write_text(path.read_text().replace(DEPLOY_ROOT, str(target.root)))
-        copies[name] = copy
-    return copies
-
-
-def _verify(tool: str, unit: Path) -> list[str]:
-    """systemd-analyze verify's complaints about one unit (it warns on stderr, often with exit status 0)."""
-    for extra in (["--man=no"], []):
-        try:
-            done = subprocess.run([tool, "verify", *extra, str(unit)], capture_output=True, text=True,
-                                  timeout=VERIFY_TIMEOUT_S, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                                                 "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""})
-        except subprocess.TimeoutExpired:
-            return [f"systemd-analyze verify did not finish within {VERIFY_TIMEOUT_S:.0f} s"]
-        output = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        if extra and any("--man" in line and ("unrecognized" in line or "unknown" in line) for line in output):
-            continue  # an old systemd without --man=: verify without it
-        if done.returncode != 0 and not output:
-            output = [f"systemd-analyze verify exited {done.returncode}"]
-        return output
-    return []
-
-
-def _about_this_host(complaint: str) -> bool:
-    """A complaint about a binary this host lacks at the unit's absolute path (the supervisor looks it up on PATH)."""
-    return "is not executable" in complaint and any(binary in complaint for binary in RESOLVABLE_BINARIES)
 
 
 # -- MemoryMax= / CPUQuota= enforcement ----------------------------------------------------------------------
