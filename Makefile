@@ -85,16 +85,25 @@ test-twin: bootstrap ## the twin's own node --test suite
 	$(Q)$(PY) tools/canary_wheelhouse.py .tools/wheelhouse
 	@touch $@
 
-test-harness: bootstrap prepare-target .tools/wheelhouse/.ready ## the harness's own tests and the scenarios under pytest (PYTEST_FLAGS: -n auto)
-	$(PY) -m pytest $(PYTEST_FLAGS)
+# The static binaries of the fakes' container images and of netns-exec (harness/fakes/images.py); no Docker needed.
+.tools/images/.ready: $(VENV)/.installed harness/fakes/images.py tools/netns-exec/main.go tools/netns-exec/go.mod
+	@echo "images: building the static binaries of the fakes' container images (first run only; about a minute)"
+	$(Q)$(PY) -m harness.fakes.images binaries $(if $(VERBOSE),,>/dev/null)
+	@touch $@
+
+# tools/docker-engine.sh starts a Docker engine of the run's own where it can (root; apt-get installs docker.io once)
+# and stops it afterwards, however pytest ends; without one, the container backends' tests skip with the reason.
+test-harness: bootstrap prepare-target .tools/wheelhouse/.ready .tools/images/.ready ## the harness's own tests and the scenarios under pytest, with a Docker engine of their own where one can run (PYTEST_FLAGS: -n auto)
+	./tools/docker-engine.sh run -- $(PY) -m pytest $(PYTEST_FLAGS)
 
 clean: ## remove what bootstrap installed, and the reports
 	rm -rf $(VENV) .tools $(TWIN)/node_modules tools/allure/node_modules
 	cd reports && rm -rf allure-results allure-report bench-suite soak real-target *.json *.xml *.png summary.md soak.md runbook.html
 
-# Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1.
-bench: bootstrap ## the benchmarks, in reports/bench.json (BENCH_SUITE=1: the whole suite too)
-	$(PY) -m bench.run $(if $(filter 1 yes true,$(BENCH_SUITE)),--suite) --out reports/bench.json $(BENCH_FLAGS)
+# Benchmarks of every moving part (bench/README.md): the quick parts by default, the whole suite with BENCH_SUITE=1;
+# the container backends beside the binaries where tools/docker-engine.sh has a Docker engine.
+bench: bootstrap .tools/images/.ready ## the benchmarks, in reports/bench.json (BENCH_SUITE=1: the whole suite too); containers where Docker can run
+	./tools/docker-engine.sh run -- $(PY) -m bench.run $(if $(filter 1 yes true,$(BENCH_SUITE)),--suite) --out reports/bench.json $(BENCH_FLAGS)
 
 # The chaos suite SOAK_N times (default 20); fails listing every test whose outcome differed between runs.
 # SOAK_PRESSURE=1 keeps one busy loop per core running for the whole soak. Reports: reports/soak.{json,md}.

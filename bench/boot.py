@@ -3,7 +3,10 @@
 Each boot runs in a fresh child process (`python -m bench.boot --child WHAT`), as a pytest-xdist worker meets
 it: the harness's modules are imported (the plugin does that at start-up), then the clock runs from the first
 constructor to "answers". The child boots twice: cold (the first, paying lazy imports such as moto's) and warm
-(the second, in the same process). MinIO in a container is measured where a Docker engine answers.
+(the second, in the same process). Where a Docker engine answers, the container backends are measured beside the
+binaries in the same run (the S3 container against moto, the toxiproxy container against the binary, all three
+parts with both containers against the default), after building their images here (harness.fakes.images): once
+from nothing on the engine (cold) and once more, which finds them by content (warm).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from bench.common import Goal, PartResult, fmt, median, ratio, say
 
 BOOT_GOAL_S = 1.5  # the embedded default (moto + toxiproxy + fake exchange), ready
 PARTS_ALONE = ("moto", "toxiproxy", "exchange")
+# Each container kind and the kind it stands in for.
+CONTAINER_KINDS = {"s3_container": "moto", "toxiproxy_container": "toxiproxy", "all_containers": "all"}
 CHILD_TIMEOUT_S = 180.0
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +37,8 @@ def run(repeats: int = 3) -> PartResult:
     from harness.fakes.docker import docker_status
 
     docker_ok, docker_reason = docker_status()
-    kinds = [*PARTS_ALONE, "all", "all_parallel"] + (["minio"] if docker_ok else [])
+    images = _image_builds() if docker_ok else {}
+    kinds = [*PARTS_ALONE, "all", "all_parallel"] + (list(CONTAINER_KINDS) if docker_ok else [])
     samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for _ in range(repeats):  # interleaved, so a noisy moment hits every kind alike
         for kind in kinds:
@@ -64,12 +70,21 @@ def run(repeats: int = 3) -> PartResult:
         **{f"{kind}_share_of_whole": ratio(raw[kind]["cold_ready_s"], whole) for kind in PARTS_ALONE},
     }
     if docker_ok:
-        part.ratios["minio_vs_moto"] = ratio(raw["minio"]["cold_ready_s"], raw["moto"]["cold_ready_s"])
-        say(f"MinIO container: ready in {fmt(raw['minio']['cold_ready_s'])} s "
-            f"({part.ratios['minio_vs_moto'] or 0:.1f}x moto)")
+        raw["images"] = images
+        say(f"container images built here: {fmt(images['cold_s'])} s from nothing on the engine "
+            f"({', '.join(images['tags'])}), {fmt(images['warm_s'])} s when the engine has them; static binaries "
+            f"{fmt(images['binaries_s'])} s (cached)")
+        for kind, instead in CONTAINER_KINDS.items():
+            key = f"{kind}_vs_{instead}"
+            part.ratios[key] = ratio(raw[kind]["cold_ready_s"], raw[instead]["cold_ready_s"])
+            part.ratios[f"{kind}_stop_vs_{instead}"] = ratio(raw[kind]["cold_stop_s"], raw[instead]["cold_stop_s"])
+            say(f"{kind}: ready in {fmt(raw[kind]['cold_ready_s'])} s cold, {fmt(raw[kind]['warm_ready_s'])} s warm "
+                f"({part.ratios[key] or 0:.2f}x {instead}, {fmt(raw[instead]['cold_ready_s'])} s); stops in "
+                f"{fmt(raw[kind]['cold_stop_s'])} s ({fmt(raw[instead]['cold_stop_s'])} s)")
     else:
-        raw["minio"] = {"skipped": docker_reason}
-        say(f"MinIO container: skipped ({docker_reason})")
+        for kind in ("images", *CONTAINER_KINDS):
+            raw[kind] = {"skipped": docker_reason}
+        say(f"container backends: skipped ({docker_reason})")
     part.raw = raw
     part.goals = [Goal("boot.embedded_default_ready_s", "embedded default boot (moto + toxiproxy + fake exchange)",
                        whole, BOOT_GOAL_S, "s", "max")]
@@ -77,6 +92,38 @@ def run(repeats: int = 3) -> PartResult:
     part.notes.append(f"the slowest part alone is {slowest} ({part.ratios[f'{slowest}_share_of_whole'] or 0:.0%} of the "
                       "whole); cold minus warm is lazy imports (moto's server) paid once per worker")
     return part
+
+
+def _image_builds() -> dict[str, Any]:
+    """Seconds to build the container images from the cached binaries, with none on the engine and then again."""
+    from harness.fakes import images
+
+    started = time.perf_counter()
+    images.build_binaries()
+    binaries = time.perf_counter() - started
+    _remove_our_images()
+    started = time.perf_counter()
+    tags = [images.ensure_image(name) for name in images.IMAGES]
+    cold = time.perf_counter() - started
+    images._built.clear()  # as the next process finds them
+    started = time.perf_counter()
+    for name in images.IMAGES:
+        images.ensure_image(name)
+    return {"binaries_s": binaries, "cold_s": cold, "warm_s": time.perf_counter() - started, "tags": tags}
+
+
+def _remove_our_images() -> None:
+    import docker
+
+    from harness.fakes import images
+
+    client = docker.from_env(timeout=60)
+    try:
+        for image in client.images.list(filters={"label": images.IMAGE_LABEL}):
+            client.images.remove(image.id, force=True)
+    finally:
+        client.close()
+    images._built.clear()
 
 
 def _child(kind: str) -> dict[str, Any]:
@@ -104,7 +151,9 @@ def _makers(kind: str) -> list[Callable[[], AbstractContextManager[Any]]]:
         "moto": [lambda: open_s3("moto")],
         "toxiproxy": [lambda: ToxiproxyServer()],
         "exchange": [lambda: FakeBinance()],
-        "minio": [lambda: open_s3("minio")],
+        "s3_container": [lambda: open_s3("minio")],
+        "toxiproxy_container": [lambda: ToxiproxyServer(backend="container")],
+        "all_containers": [lambda: open_s3("minio"), lambda: ToxiproxyServer(backend="container"), lambda: FakeBinance()],
         # As the plugin's session fixtures and a test's fake_binance fixture do it: one after the other.
         "all": [lambda: shared_parts("moto"), lambda: FakeBinance()],
         "all_parallel": [lambda: open_s3("moto"), lambda: ToxiproxyServer(), lambda: FakeBinance()],
@@ -154,5 +203,5 @@ def _child_main(kind: str) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.boot", description="Boot benchmark child (used by bench.run).")
-    parser.add_argument("--child", required=True, choices=(*PARTS_ALONE, "all", "all_parallel", "minio"))
+    parser.add_argument("--child", required=True, choices=(*PARTS_ALONE, "all", "all_parallel", *CONTAINER_KINDS))
     raise SystemExit(_child_main(parser.parse_args().child))

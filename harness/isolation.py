@@ -104,20 +104,28 @@ def host_network_reason(s3_backend: str | None, toxiproxy_backend: str | None,
                         toxiproxy_bin: str | None = None) -> str:
     """Why this run's parts must stay on the host's network ("" when nothing does).
 
-    A namespace has only its own loopback, so a Docker container's published ports, a server at an S3 URL or a
-    toxiproxy that already runs (TOXIPROXY_URL) would be out of reach from inside one.
+    A namespace has only its own loopback, so a server at an S3 URL, a toxiproxy that already runs (TOXIPROXY_URL)
+    or a container on an engine that is not local would be out of reach from inside one. A local engine's
+    containers join the test process's namespace (harness.fakes.containers), so Docker backends keep isolation.
     """
-    if s3_backend == "minio":
-        return "--s3-backend minio runs MinIO in a Docker container, whose ports are on the host's network"
+    remote = "" if _containers_join_namespaces() else f"on the Docker engine at {os.environ.get('DOCKER_HOST')}, which "
+    if s3_backend == "minio" and remote:
+        return f"--s3-backend minio runs S3 in a Docker container {remote}is not local: it is on another network"
     if s3_backend == "url":
         return "--s3-backend url uses an S3 server outside the test process, on the host's network"
-    if toxiproxy_backend == "container":
-        return "--toxiproxy-backend container runs toxiproxy in a Docker container, on the host's network"
+    if toxiproxy_backend == "container" and remote:
+        return f"--toxiproxy-backend container runs toxiproxy in a Docker container {remote}is not local: it is on another network"
     if toxiproxy_backend is None and os.environ.get("TOXIPROXY_URL"):
         return "TOXIPROXY_URL points at a toxiproxy that already runs, on the host's network"
-    if toxiproxy_backend is None and not _toxiproxy_binary_found(toxiproxy_bin):
-        return "no toxiproxy-server binary was found, so toxiproxy would run in a Docker container, on the host's network"
+    if toxiproxy_backend is None and remote and not _toxiproxy_binary_found(toxiproxy_bin):
+        return f"no toxiproxy-server binary was found, so toxiproxy would run in a Docker container {remote}is not local"
     return ""
+
+
+def _containers_join_namespaces() -> bool:
+    from harness.fakes.containers import host_network_usable  # imported here: children importing this module stay light
+
+    return host_network_usable()
 
 
 def run_isolation(s3_backend: str | None, toxiproxy_backend: str | None, toxiproxy_bin: str | None = None) -> str:

@@ -95,8 +95,9 @@ def _runs_tests(config: pytest.Config) -> bool:
 
 def _isolate(config: pytest.Config) -> None:
     """Moves a test process into a network namespace of its own before it starts any server, so units that hard-code
-    their ports run side by side under xdist (else: port locks). Parts on the host's network (Docker containers, an
-    S3 URL, a running toxiproxy) cannot be reached from a namespace, so they keep the host's network."""
+    their ports run side by side under xdist (else: port locks). Parts on the host's network (an S3 URL, a running
+    toxiproxy, containers of an engine that is not local) cannot be reached from a namespace, so they keep the host's
+    network; a local engine's containers join the namespace."""
     if not _runs_tests(config):
         return
     reason = host_network_reason(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))

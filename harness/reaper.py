@@ -9,6 +9,11 @@ sleeps in a blocking read and costs nothing while the owner lives. When the pipe
 crashed, or was killed), it sends SIGTERM to every registered group and every process carrying the owner's mark,
 waits a short grace, sends SIGKILL to what is left, and exits.
 
+Containers are ended the same way. Each one carries its owner's mark as a label (`OWNER_LABEL`), and the owner
+tells its reaper each engine it uses (`watch_engine`) before it creates a container there; once the owner is gone,
+the reaper removes every container on those engines that carries the mark. `labelled_containers` and
+`remove_container` are that Docker API, in the standard library, for the reaper and the harness's startup sweep.
+
 PR_SET_PDEATHSIG is deliberately not used: it fires when the *thread* that forked the child exits, and the
 supervisor starts services from restart and stop threads, so it would kill healthy services.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import _thread
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -31,6 +37,8 @@ GRACE_S = 3.0  # SIGTERM to SIGKILL: a service stops cleanly in well under this
 KILL_WAIT_S = 5.0
 POLL_S = 0.05  # only while reaping, never while the owner lives
 UNKNOWN_START = "-"
+OWNER_LABEL = "quantlab-chaos.owner"  # on every container: the mark of the owner whose reaper removes it
+DOCKER_TIMEOUT_S = 15.0  # one Docker API call; removing a container copies nothing, so this is ample
 
 
 # -- /proc ---------------------------------------------------------------------------------------------------
@@ -129,23 +137,27 @@ class _Reaping:
         return True
 
 
-def reap(groups: Mapping[int, str], mark: str, grace: float = GRACE_S) -> None:
-    """SIGTERM to every registered group and marked process, SIGKILL after `grace` to what is left."""
+def reap(groups: Mapping[int, str], mark: str, grace: float = GRACE_S, engines: Iterable[str] = ()) -> None:
+    """SIGTERM to every registered group and marked process, SIGKILL after `grace` to what is left; then removes
+    the containers carrying the mark on each engine."""
     reaping = _Reaping(groups, mark)
     reaping.signal_all(signal.SIGTERM)
-    if reaping.wait_gone(grace):
-        return
-    reaping.scan_marks()  # a dying service may have started something in the meantime
-    reaping.signal_all(signal.SIGKILL)
-    reaping.wait_gone(KILL_WAIT_S)
+    if not reaping.wait_gone(grace):
+        reaping.scan_marks()  # a dying service may have started something in the meantime
+        reaping.signal_all(signal.SIGKILL)
+        reaping.wait_gone(KILL_WAIT_S)
+    for docker_host in engines:
+        remove_owned_containers(docker_host, mark)
 
 
 def serve(mark: str, grace: float = GRACE_S) -> None:
-    """The reaper's loop: `+PID START` registers a group, `-PID` drops it; end of input means the owner is gone."""
+    """The reaper's loop: `+PID START` registers a group, `-PID` drops it, `@DOCKER_HOST` names an engine with
+    containers of this owner; end of input means the owner is gone."""
     os.chdir("/")
     for sig in (signal.SIGINT, signal.SIGHUP):  # a terminal's Ctrl-C or hangup is for the owner, not for us
         signal.signal(sig, signal.SIG_IGN)
     groups: dict[int, str] = {}
+    engines: list[str] = []
     for raw in sys.stdin.buffer:
         line = raw.decode("ascii", "replace").strip()
         try:
@@ -154,9 +166,76 @@ def serve(mark: str, grace: float = GRACE_S) -> None:
                 groups[int(pid)] = started or UNKNOWN_START
             elif line.startswith("-"):
                 groups.pop(int(line[1:]), None)
+            elif line.startswith("@") and line[1:] not in engines:
+                engines.append(line[1:])
         except ValueError:
             continue
-    reap(groups, mark, grace)
+    reap(groups, mark, grace, engines)
+
+
+# -- containers: the Docker engine's API, standard library only ------------------------------------------------
+
+def docker_request(docker_host: str, method: str, path: str, timeout: float = DOCKER_TIMEOUT_S) -> tuple[int, bytes]:
+    """(status, body) of one call to the engine at `docker_host` (unix:///path or tcp://host:port, without TLS).
+
+    HTTP/1.0, so the engine closes the connection after a body that is never chunked. Raises OSError.
+    """
+    if docker_host.startswith("unix://"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(docker_host[len("unix://"):])
+        except OSError:
+            sock.close()
+            raise
+    elif docker_host.startswith("tcp://"):
+        host, _, port = docker_host[len("tcp://"):].rstrip("/").rpartition(":")
+        sock = socket.create_connection((host.strip("[]"), int(port or 2375)), timeout=timeout)
+    else:
+        raise OSError(f"DOCKER_HOST {docker_host!r}: only unix:// and tcp:// engines are supported")
+    with sock:
+        sock.sendall(f"{method} {path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n".encode("ascii"))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body
+    except (IndexError, ValueError):
+        raise OSError(f"the Docker engine at {docker_host} gave no HTTP answer to {method} {path}") from None
+
+
+def labelled_containers(docker_host: str, label: str) -> list[dict[str, object]]:
+    """Every container (running or not) with `label` ("key" or "key=value"), as the engine lists them."""
+    import json
+    from urllib.parse import quote
+
+    status, body = docker_request(docker_host, "GET", "/containers/json?all=1&filters=" + quote(json.dumps({"label": [label]})))
+    if status != 200:
+        raise OSError(f"listing containers at {docker_host}: HTTP {status} {body[:200]!r}")
+    found: list[dict[str, object]] = json.loads(body)
+    return found
+
+
+def remove_container(docker_host: str, container_id: str) -> bool:
+    """Force-removes a container and its anonymous volumes; True when it is gone (also when it was already)."""
+    try:
+        status, _ = docker_request(docker_host, "DELETE", f"/containers/{container_id}?force=1&v=1")
+    except OSError:
+        return False
+    return status in (204, 404)
+
+
+def remove_owned_containers(docker_host: str, mark: str) -> int:
+    """Removes every container carrying the owner's mark; how many. Never raises: an engine that is gone has none."""
+    try:
+        found = labelled_containers(docker_host, f"{OWNER_LABEL}={mark}")
+    except (OSError, ValueError):
+        return 0
+    return sum(remove_container(docker_host, str(container["Id"])) for container in found)
 
 
 # -- the owner's side ------------------------------------------------------------------------------------------
@@ -171,6 +250,7 @@ class Reaper:
         self._pid = 0
         self._fd = -1
         self._watched: dict[int, str] = {}
+        self._engines: list[str] = []
         self._fork_hook = False
 
     @property
@@ -200,6 +280,14 @@ class Reaper:
             self._watched[pid] = started
             self._send(f"+{pid} {started}\n")
 
+    def watch_engine(self, docker_host: str) -> None:
+        """Says that this owner creates containers (labelled `OWNER_LABEL`=mark) on the engine at `docker_host`."""
+        with self._lock:
+            self._ensure()
+            if docker_host not in self._engines:
+                self._engines.append(docker_host)
+                self._send(f"@{docker_host}\n")
+
     def forget(self, pid: int) -> None:
         """Drops a group that is gone (so a later process with a reused pid is never touched)."""
         with self._lock:
@@ -226,7 +314,7 @@ class Reaper:
             except OSError:
                 pass
         self._owner, self._mark, self._pid, self._fd = os.getpid(), "", 0, -1
-        self._watched = {}
+        self._watched, self._engines = {}, []
 
     def _start(self) -> None:
         if not self._fork_hook:  # registered on first use, not at import: importing the harness starts nothing
@@ -254,6 +342,8 @@ class Reaper:
         self._fd, self._owner = write_end, os.getpid()
         for pid, started in self._watched.items():  # after a restart: the new reaper learns every group
             self._send(f"+{pid} {started}\n", retry=False)
+        for docker_host in self._engines:  # and every engine
+            self._send(f"@{docker_host}\n", retry=False)
 
     def _send(self, line: str, retry: bool = True) -> None:
         try:
@@ -270,7 +360,7 @@ class Reaper:
         with self._lock:
             if self._owner == os.getpid() and self._fd >= 0:
                 os.close(self._fd)
-            self._fd, self._watched = -1, {}
+            self._fd, self._watched, self._engines = -1, {}, []
 
     def _after_fork(self) -> None:
         self._lock = _thread.allocate_lock()
@@ -293,6 +383,11 @@ def watch(pid: int) -> None:
 def forget(pid: int) -> None:
     """Drops the process group led by `pid` (it has ended)."""
     REAPER.forget(pid)
+
+
+def watch_engine(docker_host: str) -> None:
+    """Has this process's reaper remove its labelled containers on that engine once this process is gone."""
+    REAPER.watch_engine(docker_host)
 
 
 def mark_environment() -> None:

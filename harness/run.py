@@ -23,6 +23,7 @@ from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
 from harness.outcomes import ERROR, EXIT_CODES, OUTCOMES, exit_code, one_sentence
 from harness.reporting import SUMMARY_JSON
+from harness.sysd.cgroups import Cgroups
 from harness.sysd.stopping import group_members
 from harness.target import PROJECT_ROOT, TWIN_ROOT, Target
 from quantlab_chaos import procgroup
@@ -123,7 +124,8 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     drift_file.write_text(json.dumps(drift, indent=2) + "\n")
     isolation = run_isolation(s3_backend, toxiproxy_backend)
     print(f"quantlab-chaos: target {target.root}\nquantlab-chaos: runbook {model.path} ({len(known)} items, "
-          f"{len(drift)} drift finding(s))\nquantlab-chaos: isolation: {isolation}", flush=True)
+          f"{len(drift)} drift finding(s))\nquantlab-chaos: isolation: {isolation}\n"
+          f"quantlab-chaos: service limits (MemoryMax=, CPUQuota=, ...): {Cgroups().describe()}", flush=True)
 
     argv = [sys.executable, "-m", "pytest", str(SCENARIOS_DIR), "-v", "-p", "no:cacheprovider",
             "--rootdir", str(PROJECT_ROOT), "-n", workers, "--junitxml", str(reports / "junit.xml"),

@@ -212,11 +212,16 @@ def test_parts_on_the_host_network_keep_the_host_network(monkeypatch: pytest.Mon
     binary = tmp_path / "toxiproxy-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
     assert host_network_reason("moto", "binary") == ""
     assert host_network_reason("moto", None, str(binary)) == ""
-    assert "Docker" in host_network_reason("minio", "binary")
+    # A local engine's containers join the test process's namespace; a remote engine's are on another network.
+    assert host_network_reason("minio", "binary") == host_network_reason("moto", "container") == ""
+    monkeypatch.setenv("DOCKER_HOST", "tcp://build-host:2376")
+    assert "Docker engine at tcp://build-host:2376" in host_network_reason("minio", "binary")
+    assert "Docker engine at tcp://build-host:2376" in host_network_reason("moto", "container")
+    monkeypatch.delenv("DOCKER_HOST")
     assert "--s3-backend url" in host_network_reason("url", "binary")
-    assert "Docker" in host_network_reason("moto", "container")
     monkeypatch.setenv("TOXIPROXY_URL", "http://127.0.0.1:8474")
     assert "TOXIPROXY_URL" in host_network_reason("moto", None, str(binary))
     assert host_network_reason("moto", "binary") == "", "an explicit backend ignores TOXIPROXY_URL"
@@ -244,7 +249,10 @@ def test_the_run_header_says_what_keeps_environments_apart(monkeypatch: pytest.M
     supported, why = probe_namespace_support()
     header = run_isolation("moto", "binary")
     assert header.startswith("network namespaces:") if supported else why in header, header
+    monkeypatch.setenv("DOCKER_HOST", "tcp://build-host:2376")
     assert run_isolation("minio", "binary").startswith("port locks: network isolation turned off (--s3-backend minio")
+    monkeypatch.delenv("DOCKER_HOST")
+    assert run_isolation("minio", "container") == header, "a local engine's containers join the namespaces"
     monkeypatch.setenv("QUANTLAB_CHAOS_NETNS", "0")
     assert "turned off (QUANTLAB_CHAOS_NETNS=0)" in run_isolation("moto", "binary")
 

@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from harness.ports import free_port
-from harness.sysd.cgroups import cgroup_settings, probe_cgroup_v2
 from harness.sysd.deploy import load_service
 from harness.sysd.spec import ServiceSpec
 from harness.sysd.status import ServiceError, ServiceFailed, ServiceStatus, StartLimit, describe_exit, should_restart
@@ -548,60 +547,14 @@ def test_bad_readiness_spec_is_refused(sup: Supervisor, units: Units) -> None:
         sup.add("bad", units.spec("bad", "ExecStart=/bin/true\n"), readiness="ftp://x")
 
 
-# -- resource limits ---------------------------------------------------------------------------
-
-def test_memory_and_cpu_limits_are_enforced_or_the_reason_is_reported(sup: Supervisor, units: Units) -> None:
-    script = units.script("limits", """\
-        import resource, time
-        print("nofile", *resource.getrlimit(resource.RLIMIT_NOFILE), flush=True)
-        print("cgroup", open("/proc/self/cgroup").read().replace("\\n", " "), flush=True)
-        time.sleep(60)
-    """)
-    sup.add("limits", units.spec("limits", f"ExecStart={PY} {script}\nMemoryMax=64M\nCPUQuota=50%\n"
-                                           f"LimitNOFILE=1234:2345\n"),
-            readiness=lambda: any("stdout: cgroup" in line for line in sup.logs("limits")))
-    status = sup.start("limits", timeout=10)
-    limits = status.limits
-    assert (limits.memory_max, limits.cpu_quota, limits.nofile) == (64 * 1024**2, 50.0, (1234, 2345))
-    assert limits.nofile_applied and any("stdout: nofile 1234 2345" in line for line in sup.logs("limits"))
-    possible, reason = probe_cgroup_v2()
-    if possible:
-        assert limits.enforced and limits.cgroup, limits.reason
-        cgroup = Path(limits.cgroup)
-        assert (cgroup / "memory.max").read_text().strip() == str(64 * 1024**2)
-        assert (cgroup / "cpu.max").read_text().split() == ["50000", "100000"]
-        assert str(status.main_pid) in (cgroup / "cgroup.procs").read_text().split()
-        sup.close()
-        assert not cgroup.exists()
-    else:
-        assert not limits.enforced and limits.reason == reason and limits.cgroup is None
-        assert reason.startswith("not enforced:")
-        if os.geteuid() == 0:
-            assert "cgroup v2" in reason
-        else:
-            assert "root" in reason
-
-
-def test_no_limits_requested_is_reported_as_such(sup: Supervisor, units: Units) -> None:
-    sup.add("plain", units.spec("plain", "ExecStart=/bin/sleep 30\n"))
-    limits = sup.start("plain").limits
-    assert not limits.enforced and "not requested" in limits.reason
-
-
-def test_cgroup_values_match_systemd() -> None:
-    assert cgroup_settings(2 * 1024**3, 80.0) == {"memory.max": "2147483648", "cpu.max": "80000 100000"}
-    assert cgroup_settings(None, 200.0) == {"cpu.max": "200000 100000"}
-    assert cgroup_settings(None, 0.5) == {"cpu.max": "1000 100000"}
-    assert cgroup_settings(None, None) == {}
-
-
-# -- the systemd tables --------------------------------------------------------------------------
+# -- the systemd tables (resource limits: tests/test_cgroups.py) ---------------------------------
 
 @pytest.mark.parametrize(("policy", "result", "expected"), [
     ("no", "exit-code", False), ("always", "success", True), ("on-success", "success", True),
     ("on-success", "exit-code", False), ("on-failure", "exit-code", True), ("on-failure", "signal", True),
     ("on-failure", "success", False), ("on-abnormal", "exit-code", False), ("on-abnormal", "signal", True),
-    ("on-abnormal", "timeout", True), ("on-abort", "signal", True), ("on-abort", "timeout", False),
+    ("on-abnormal", "timeout", True), ("on-abnormal", "oom-kill", True), ("on-failure", "oom-kill", True),
+    ("on-abort", "signal", True), ("on-abort", "timeout", False),
 ])
 def test_restart_table(policy: str, result: str, expected: bool) -> None:
     assert should_restart(policy, result) is expected

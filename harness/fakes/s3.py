@@ -1,4 +1,8 @@
-"""S3 for the target: moto's threaded server (default), MinIO in a container, or any endpoint by URL.
+"""S3 for the target: moto's threaded server (default), an S3 server in a container, or any endpoint by URL.
+
+The container backend (`--s3-backend minio`) runs MinIO when its image is here (or QUANTLAB_CHAOS_MINIO_IMAGE names
+one), else gofakes3, a small S3 server built into an image here (harness.fakes.images). It sits on the caller's
+network as toxiproxy's container does (harness.fakes.containers), on a port from the OS.
 
 Each backend is a context manager that starts, waits until ready, exposes `endpoint_url` and credentials,
 and always cleans up. `Bucket` gives a test its own bucket with helpers to list, head and read objects.
@@ -20,12 +24,15 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from harness.fakes import containers
 from harness.fakes.docker import docker_status
+from harness.fakes.images import s3_image
+from harness.ports import free_port
 from quantlab_chaos.errors import ConfigError, UnreachableError
 from quantlab_chaos.waiting import wait_until
 
 BACKENDS = ("moto", "minio", "url")
-MINIO_IMAGE = "minio/minio:RELEASE.2025-04-22T22-12-26Z"
+START_TIMEOUT_S = 60.0  # the container backend's: an engine on vfs storage starts a container in about a second
 _CLIENT_CONFIG = Config(
     connect_timeout=5,
     read_timeout=15,
@@ -110,56 +117,82 @@ class MotoS3(S3Server):
 
 
 class MinioS3(S3Server):
-    """MinIO in a container through testcontainers; needs a Docker engine."""
+    """An S3 server in a container through testcontainers (MinIO, or gofakes3 without a MinIO image); needs Docker.
+
+    image: None picks one (harness.fakes.images.s3_image); server: "minio" or "gofakes3", how to run that image.
+    """
 
     name = "minio"
 
-    def __init__(self, image: str = MINIO_IMAGE) -> None:
+    def __init__(self, image: str | None = None, server: str = "minio") -> None:
         super().__init__(S3Credentials.random())
         self.image = image
+        self.server = server
+        self.source = ""
         self._container: Any = None
 
     def __enter__(self) -> MinioS3:
         available, reason = docker_status()
         if not available:
             raise UnreachableError(f"The MinIO backend needs Docker, but {reason}. Use --s3-backend moto here.")
-        from testcontainers.core.container import DockerContainer
-
-        container = (
-            DockerContainer(self.image)
-            .with_command("server /data")
-            .with_exposed_ports(9000)
-            .with_env("MINIO_ROOT_USER", self.credentials.access_key)
-            .with_env("MINIO_ROOT_PASSWORD", self.credentials.secret_key)
-        )
-        self._container = container  # held before start(), so close() removes one that started half-way
         try:
-            self._start(container)
+            if self.image is None:
+                self.image, self.server = s3_image()
+            self._start(containers.placement())
         except BaseException:
             self.close()  # `with` calls __exit__ only after __enter__ returned
             raise
         return self
 
-    def _start(self, container: Any) -> None:
+    def _command(self, address: str) -> list[str]:
+        if self.server == "gofakes3":
+            return ["-host", address]  # gofakes3 takes any keys: these are still the env files' and the leak scan's
+        return ["server", "/data", "--address", address, "--console-address", f"127.0.0.1:{free_port()}"]
+
+    def _start(self, where: str) -> None:
+        env = {"MINIO_ROOT_USER": self.credentials.access_key, "MINIO_ROOT_PASSWORD": self.credentials.secret_key}
+        if where == containers.BRIDGE:
+            self._container = containers.new_container(str(self.image), self._command(":9000"), where, env=env,
+                                                       exposed_ports=(9000,))
+        else:
+            port = free_port()
+            self._container = containers.new_container(str(self.image), self._command(f"127.0.0.1:{port}"), where,
+                                                       env=env)
+        containers.start(self._container, f"The S3 container ({self.server}, {self.image})",
+                         f"check that Docker can run {self.image}, or use --s3-backend moto.")
+        if where == containers.BRIDGE:
+            host = self._container.get_container_host_ip()
+            # testcontainers says "localhost" for a local engine; the toxiproxy container resolves that name on its
+            # own (perhaps to ::1), so the upstream it is given is the address the published port surely has.
+            host = "127.0.0.1" if host == "localhost" else host
+            self.endpoint_url = f"http://{host}:{self._container.get_exposed_port(9000)}"
+        else:
+            self.endpoint_url = f"http://127.0.0.1:{port}"
+        self.source = f"{self.server} in container {self.image} ({where})"
         try:
-            container.start()
-        except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise UnreachableError(f"The MinIO container did not start ({first}); check that Docker can pull and run "
-                                   f"{self.image}, or use --s3-backend moto.") from exc
-        host = container.get_container_host_ip()
-        # testcontainers says "localhost" for a local engine; the toxiproxy container resolves that name on its
-        # own (perhaps to ::1), so the upstream it is given is the address the published port surely has.
-        host = "127.0.0.1" if host == "localhost" else host
-        self.endpoint_url = f"http://{host}:{container.get_exposed_port(9000)}"
-        wait_until(self._live, timeout=60, what=f"MinIO at {self.endpoint_url}")
+            wait_until(self._live_or_dead, timeout=START_TIMEOUT_S, what=f"{self.server} at {self.endpoint_url}")
+        except TimeoutError:
+            pass  # said below, with the container's own words
+        if not self._live():
+            raise UnreachableError(
+                f"The S3 container ({self.source}) did not answer at {self.endpoint_url} within {START_TIMEOUT_S:.0f} s "
+                f"(its output: {containers.logs(self._container, 300) or 'none'}); use --s3-backend moto.")
+
+    def _live_or_dead(self) -> bool:
+        wrapped = self._container.get_wrapped_container()
+        wrapped.reload()
+        return wrapped.status in ("exited", "dead") or self._live()
 
     def _live(self) -> bool:
-        return httpx.get(self.endpoint_url + "/minio/health/live", timeout=2).status_code == 200
+        path = "/minio/health/live" if self.server == "minio" else "/"
+        try:
+            return httpx.get(self.endpoint_url + path, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def close(self) -> None:
         if self._container is not None:
-            self._container.stop()
+            containers.remove(self._container)
             self._container = None
 
 

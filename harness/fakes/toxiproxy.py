@@ -4,12 +4,14 @@
 an existing server (TOXIPROXY_URL), or its container (Docker), starts it on a port from the OS, and waits
 until its API answers. `ChaosProxy` puts one upstream behind a proxy and applies the faults scenarios need.
 
-The container backend must do what the binary does: proxies listen on ports the harness reaches on this host,
-and reach upstreams that listen on this host's 127.0.0.1. On Linux the container shares the host's network
-(`network_mode=host`), so both hold as they are and the API gets a port from the OS. Elsewhere (Docker Desktop)
-host networking is not available: the container runs on the bridge with its API and a pool of proxy ports
-published on random host ports, and upstreams on 127.0.0.1 are reached as host.docker.internal. Either way a
-probe proxy proves the round trip host -> proxy -> host before any test uses the server. (In bridge mode a
+The container backend must do what the binary does: proxies listen on ports the harness reaches, and reach
+upstreams that listen on the harness's 127.0.0.1. On Linux with a local engine the container shares the caller's
+network (harness.fakes.containers: the host's network, or the test process's own namespace, which it joins), so
+both hold as they are and the API gets a port from the OS. Elsewhere (Docker Desktop) host networking is not
+available: the container runs on the bridge with its API and a pool of proxy ports published on random host ports,
+and upstreams on 127.0.0.1 are reached as host.docker.internal. Either way a probe proxy proves the round trip
+harness -> proxy -> harness before any test uses the server. The image is built here (harness.fakes.images)
+unless the engine has the upstream one. (In bridge mode a
 disabled proxy sits behind Docker's port forwarder, which accepts the connection and then closes it: clients see a
 reset, not "connection refused". Host networking, the Linux default, has no such difference.)
 
@@ -23,7 +25,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -32,19 +33,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from harness import reaper
+from harness.fakes import containers
+from harness.fakes.containers import host_network_usable
 from harness.fakes.docker import docker_status
+from harness.fakes.images import TOXIPROXY_IMAGE, toxiproxy_image
 from harness.fakes.toxiproxy_api import API_TIMEOUT_S, ProxyInfo, ToxicInfo, ToxiproxyAPI, ToxiproxyError
 from harness.ports import free_port
 from quantlab_chaos import procgroup
 from quantlab_chaos.errors import MissingToolError, UnreachableError
 from quantlab_chaos.waiting import wait_until
 
-__all__ = ["API_TIMEOUT_S", "CONTAINER_HOST_ALIAS", "ChaosProxy", "ProxyInfo", "TOXIPROXY_BACKENDS", "ToxicInfo",
+__all__ = ["API_TIMEOUT_S", "CONTAINER_HOST_ALIAS", "ChaosProxy", "ProxyInfo", "TOXIPROXY_BACKENDS", "TOXIPROXY_IMAGE",
+           "ToxicInfo",
            "ToxiproxyAPI", "ToxiproxyError", "ToxiproxyServer", "find_server_binary", "host_network_usable"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_BIN = PROJECT_ROOT / ".tools" / "bin"
-TOXIPROXY_IMAGE = "ghcr.io/shopify/toxiproxy:2.12.0"
 TOXIPROXY_BACKENDS = ("binary", "container")
 # Bridge mode only: ports inside the container's own network namespace (so fixed numbers cannot clash with
 # anything), each published on a host port Docker picks. Two proxies per environment, one environment at a time.
@@ -168,47 +172,42 @@ class ToxiproxyServer(AbstractContextManager["ToxiproxyServer"]):
             )
 
     def _run_container(self) -> None:
-        from testcontainers.core.container import DockerContainer
-
-        if host_network_usable():
-            # The host's network: API on a port from the OS (several xdist workers each run a container),
+        where = containers.placement()
+        image = toxiproxy_image()
+        if where in (containers.HOST, containers.JOIN):
+            # The caller's network: API on a port from the OS (several xdist workers each run a container),
             # proxies on 127.0.0.1:0 like the binary's.
             self._point_at("127.0.0.1", free_port())
-            container = (DockerContainer(TOXIPROXY_IMAGE)
-                         .with_command([f"-host={self.host}", f"-port={self.port}"])
-                         .with_kwargs(network_mode="host"))
-            self._start_container(container)
-            self.source = f"container {TOXIPROXY_IMAGE} (host network)"
+            self._container = containers.new_container(image, [f"-host={self.host}", f"-port={self.port}"], where)
+            self._start_container(image)
+            self.source = f"container {image} ({'host network' if where == containers.HOST else 'joined this namespace'})"
         else:
-            container = (DockerContainer(TOXIPROXY_IMAGE)
-                         .with_command(["-host=0.0.0.0", "-port=8474"])
-                         .with_exposed_ports(8474, *CONTAINER_PROXY_PORTS)
-                         # Docker Desktop defines the alias itself; Linux engines need host-gateway for it.
-                         .with_kwargs(extra_hosts={CONTAINER_HOST_ALIAS: "host-gateway"}))
-            self._start_container(container)
+            # Docker Desktop defines the alias itself; Linux engines need host-gateway for it.
+            self._container = containers.new_container(image, ["-host=0.0.0.0", "-port=8474"], where,
+                                                       exposed_ports=(8474, *CONTAINER_PROXY_PORTS),
+                                                       extra_hosts={CONTAINER_HOST_ALIAS: "host-gateway"})
+            self._start_container(image)
             # Docker Desktop answers "localhost"; the binary's proxies are on 127.0.0.1, and so are these.
-            host = container.get_container_host_ip()
-            self._point_at("127.0.0.1" if host == "localhost" else host, int(container.get_exposed_port(8474)))
-            self._published = {port: int(container.get_exposed_port(port)) for port in CONTAINER_PROXY_PORTS}
+            host = self._container.get_container_host_ip()
+            self._point_at("127.0.0.1" if host == "localhost" else host, int(self._container.get_exposed_port(8474)))
+            self._published = {port: int(self._container.get_exposed_port(port)) for port in CONTAINER_PROXY_PORTS}
             self._upstream_alias = CONTAINER_HOST_ALIAS
-            self.source = f"container {TOXIPROXY_IMAGE} (bridge, published ports)"
-        wait_until(self._container_ready_or_dead, timeout=60, what=f"toxiproxy container API at {self.url}")
+            self.source = f"container {image} (bridge, published ports)"
+        try:
+            wait_until(self._container_ready_or_dead, timeout=60, what=f"toxiproxy container API at {self.url}")
+        except TimeoutError:
+            pass  # said below, with the container's own words
         if not self._answers():
-            stdout, stderr = self._container.get_logs()
             raise UnreachableError(
-                f"The toxiproxy container exited at start ({(stdout + stderr).decode(errors='replace').strip()[-300:]}). "
-                "Use --toxiproxy-backend binary (make bootstrap builds it)."
+                f"The toxiproxy container ({self.source}) did not answer at {self.url} within 60 s (its output: "
+                f"{containers.logs(self._container, 300) or 'none'}). Use --toxiproxy-backend binary (make bootstrap "
+                "builds it)."
             )
 
-    def _start_container(self, container: Any) -> None:
-        self._container = container  # held before start(), so close() removes one that started half-way
-        try:
-            container.start()
-        except Exception as exc:  # docker's errors are many; the user's next step is the same
-            raise UnreachableError(
-                f"The toxiproxy container did not start ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
-                f"check that Docker can pull and run {TOXIPROXY_IMAGE}, or use --toxiproxy-backend binary."
-            ) from exc
+    def _start_container(self, image: str) -> None:
+        """Starts the container held in self._container (held first, so close() removes one that started half-way)."""
+        containers.start(self._container, "The toxiproxy container",
+                         f"check that Docker can run {image}, or use --toxiproxy-backend binary.")
 
     def _container_ready_or_dead(self) -> bool:
         wrapped = self._container.get_wrapped_container()
@@ -301,7 +300,7 @@ class ToxiproxyServer(AbstractContextManager["ToxiproxyServer"]):
             reaper.forget(self._process.pid)
         self._process = None
         if self._container is not None:
-            self._container.stop()
+            containers.remove(self._container)
             self._container = None
         if self._log_file is not None:
             self._log_file.close()
@@ -309,18 +308,6 @@ class ToxiproxyServer(AbstractContextManager["ToxiproxyServer"]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def host_network_usable() -> bool:
-    """Whether a container on the host network shares this process's 127.0.0.1: Linux and a local engine.
-
-    (Docker Desktop runs containers in a VM, whose host network is not this machine's; a remote DOCKER_HOST is
-    another machine. Rootless Docker and a harness inside a container pass this check and fail the probe.)
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    docker_host = os.environ.get("DOCKER_HOST", "")
-    return docker_host == "" or docker_host.startswith("unix://")
 
 
 def _send_and_receive(host: str, port: int, data: bytes) -> bytes:

@@ -8,7 +8,9 @@ limits default to the runbook's values.
   crossed in a quick test (a million events, an hour), so their defaults are read from the target's source,
   and the test's name says so.
 - `systemd-analyze verify` checks each unit (with the deploy root pointed at the checkout) where the tool exists.
-- Whether MemoryMax=/CPUQuota= are enforced here (cgroup v2) is reported, with the values the supervisor applies.
+- Whether MemoryMax=/CPUQuota= are enforced here, and through which hierarchy (cgroup v2, else v1), is reported once
+  for the run, with the values the supervisor applies and the cgroup files it wrote. What the limits do to a service
+  that leaks or spins is proven in test_safety_limits.py.
 
 The static comparisons are checks, one per unit and setting (or per limit), so every one that disagrees is
 reported; the decision-rate check needs a healthy canary first (it blocks on the canary item without one).
@@ -39,7 +41,7 @@ from harness.experiment import (
     holds,
 )
 from harness.journal import Journal
-from harness.sysd.cgroups import cgroup_settings
+from harness.sysd.cgroups import reads_back
 from harness.sysd.unitfile import Directive, UnitFile, parse_unit
 from harness.sysd.values import parse_cpu_quota, parse_memory_limit, parse_timespan
 from harness.target import Target
@@ -149,7 +151,10 @@ def _carries(unit: UnitFile, setting: Setting) -> Observation:
             where = ", ".join(f"[{d.section}] line {d.line}" for d in stray)
             wanted = " or ".join(f"[{section}]" for section in dict.fromkeys(s for s, _ in places))
             return _seen(unit, False, f"{setting.name}= is in {where}, where systemd ignores it (put it in {wanted})")
-        return _seen(unit, False, f"no {setting.name}=")
+        consequence = WITHOUT.get(setting.name)
+        service = unit.name.removesuffix(".service")
+        return _seen(unit, False, f"no {setting.name}=" + (f": {consequence.format(service=service)}" if consequence
+                                                           else ""))
     effective = max(found, key=lambda d: d.line)  # one field in systemd: the last assignment wins
     written = f"{effective.key}={effective.value} (line {effective.line}, [{effective.section}])"
     parse = PARSERS.get(setting.name, str.strip)
@@ -162,6 +167,19 @@ def _carries(unit: UnitFile, setting: Setting) -> Observation:
     except ValueError as exc:
         return _seen(unit, False, f"{effective.key}={effective.value} (line {effective.line}) is invalid: {exc}")
     return _seen(unit, _same(value, wanted_value), written)
+
+
+# What happens to a service whose unit lacks the setting, said where the check fails.
+WITHOUT = {
+    "MemoryMax": "a leak in {service} grows until the host's OOM killer picks a victim, which may be another service",
+    "CPUQuota": "a busy loop in {service} can take every CPU from the other services",
+    "Restart": "after a crash or an OOM kill {service} stays down until someone starts it",
+    "RestartSec": "systemd restarts {service} after its default 100 ms, so a crash loop spins through its start "
+                  "limit at once",
+    "StartLimitIntervalSec": "systemd counts {service}'s starts over its default 10 s, so a crash loop that restarts "
+                             "every 5 s is never given up",
+    "StartLimitBurst": "{service} gets systemd's default burst of 5 starts, which no unit states",
+}
 
 
 def _seen(unit: UnitFile, ok: bool, detail: str) -> Observation:
@@ -381,8 +399,8 @@ def test_units_pass_systemd_analyze_verify(quantlab_target: Target, runbook_mode
 @pytest.mark.runbook(ITEM)
 def test_memory_and_cpu_limits_are_applied_or_reported(quantlab: QuantLabEnvironment, runbook_model: Runbook,
                                                        journal: Journal) -> None:
-    """The supervisor applies the runbook's MemoryMax=/CPUQuota= to every service (through cgroup v2 when this
-    host has it; otherwise the report says they are not enforced here, and why). Where the supervisor applies
+    """The supervisor applies the runbook's MemoryMax=/CPUQuota= to every service (through cgroup v2 or v1 when this
+    host lets it; otherwise one finding says they are not enforced here, and why). Where the supervisor applies
     them only at start, the services are started first (a unit the checkout cannot run blocks) and stopped after."""
     limits = [setting for setting in (_directive(runbook_model, "MemoryMax"), _directive(runbook_model, "CPUQuota"))
               if setting is not None]
@@ -395,16 +413,33 @@ def test_memory_and_cpu_limits_are_applied_or_reported(quantlab: QuantLabEnviron
     checks = [Probe(f"{unit}'s limits", partial(_applied, journal, quantlab, role, unit, setting, report),
                     holds(f"{unit} runs with {setting.name}={setting.value}", setting.source))
               for role, unit in services for setting in limits]
-    journal.run(Experiment(
-        f"{ITEM} (MemoryMax=/CPUQuota= applied)",
-        setup=[Action(f"start {unit} (the supervisor applies its limits at start)",
-                      partial(quantlab.start, role, check=False)) for role, unit in pending],
-        steady_state=[],
-        checks=checks or [Probe("the listed service units", lambda: Observation(False, "no service unit to check"),
-                                holds("every service unit carries the limits", _section(runbook_model)))],
-        rollbacks=[Action(f"stop {unit}", partial(quantlab.stop, role)) for role, unit in pending],
-    ))
+    try:
+        journal.run(Experiment(
+            f"{ITEM} (MemoryMax=/CPUQuota= applied)",
+            setup=[Action(f"start {unit} (the supervisor applies its limits at start)",
+                          partial(quantlab.start, role, check=False)) for role, unit in pending],
+            steady_state=[],
+            checks=checks or [Probe("the listed service units", lambda: Observation(False, "no service unit to check"),
+                                    holds("every service unit carries the limits", _section(runbook_model)))],
+            rollbacks=[Action(f"stop {unit}", partial(quantlab.stop, role)) for role, unit in pending],
+        ))
+    finally:
+        _report_enforcement(journal, report)
 
+
+def _report_enforcement(journal: Journal, report: dict[str, str]) -> None:
+    """One finding for the run, not one per unit: the hierarchy that enforces the limits, or why none does (one
+    per distinct reason, which is one unless a unit's own group could not be made)."""
+    by_reason: dict[str, list[str]] = {}
+    for unit, how in report.items():
+        by_reason.setdefault(how, []).append(unit)
+    for how, units in by_reason.items():
+        which = f"all {len(units)} service units" if len(units) == len(report) else ", ".join(units)
+        if how.startswith("enforced"):
+            journal.finding(f"MemoryMax=/CPUQuota= {how}", f"{which}, each in a group of its own", severity="info")
+        else:
+            state = "not enforced on this host" if how.startswith("not enforced") else how.partition(":")[0]
+            journal.finding(f"MemoryMax=/CPUQuota= {state}", f"{which}: {how}", severity="info")
 
 def _directive(runbook: Runbook, name: str) -> Setting | None:
     try:
@@ -422,25 +457,25 @@ def _listed_services(env: QuantLabEnvironment, runbook: Runbook) -> Iterator[tup
 
 def _applied(journal: Journal, env: QuantLabEnvironment, role: str, unit: str, setting: Setting,
              report: dict[str, str]) -> Observation:
-    """The value the supervisor applies, and, where this host enforces it, the service's cgroup file; where it
-    does not, that is reported once per unit (a finding) with why."""
+    """The value the supervisor applies, and, where this host enforces it, the service's cgroup files read back;
+    where it does not, why (the report collects it for the one finding of the run)."""
     limits = env.status(role).limits
-    if unit not in report:
-        report[unit] = "enforced" if limits.enforced else limits.reason
-        if not (limits.enforced and limits.cgroup):
-            journal.finding(f"{unit}: MemoryMax=/CPUQuota= not enforced", limits.reason, severity="info")
+    enforced = limits.enforced and limits.cgroup is not None
+    report.setdefault(unit, f"enforced through {limits.hierarchy}" if enforced else limits.reason)
     memory = setting.name == "MemoryMax"
     wanted = parse_memory_limit(setting.value) if memory else parse_cpu_quota(setting.value)
     applied = limits.memory_max if memory else limits.cpu_quota
     seen = f"the supervisor applies {setting.name} {applied}"
     ok = _same(applied, wanted)
-    if limits.enforced and limits.cgroup:
-        memory_bytes = int(wanted) if memory and wanted is not None else None
-        [(name, value)] = cgroup_settings(memory_bytes, None if memory else wanted).items()
-        path = Path(limits.cgroup) / name
-        actual = path.read_text().strip() if path.exists() else "absent"
-        seen += f"; {path} is {actual} (expected {value})"
-        ok = ok and actual == value
+    if enforced:
+        files = [(Path(path), value) for directive, path, value in limits.files if directive == setting.name]
+        for path, value in files:
+            actual = path.read_text().strip() if path.exists() else "absent"
+            seen += f"; {limits.hierarchy} {path} is {actual} (expected {value})"
+            ok = ok and reads_back(value, actual)
+        if not files:
+            seen += f"; no {limits.hierarchy} file was written for it ({limits.reason})"
+            ok = False
     else:
         seen += f" (not enforced here: {limits.reason})"
     return Observation(ok, seen, final=True)

@@ -6,8 +6,8 @@ Reading a unit: `values` (the value syntax several directives share: time spans,
 directives the supervisor honours, as a `ServiceSpec`), `deploy` (a production unit fitted onto a checkout).
 
 Running it: `status` (what `systemctl status` shows, and systemd's exit and restart tables), `cgroups`
-(MemoryMax=/CPUQuota= through cgroup v2), `process` (one process of a service: its environment, spawn, journal
-capture), `service` (one service's start, exit and restart), `stopping` (stop, KillMode=, TimeoutStopSec=),
+(MemoryMax=, MemoryHigh=, CPUQuota=, TasksMax= through cgroup v2 or v1), `process` (one process of a service: its
+environment, spawn, journal capture), `service` (one service's start, exit and restart), `stopping` (stop, KillMode=, TimeoutStopSec=),
 `supervisor` (the `Supervisor` that owns them all) and `exit_hooks` (nothing outlives the harness). Readiness
 probes live in `harness.readiness`.
 

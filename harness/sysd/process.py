@@ -2,8 +2,9 @@
 and working directory systemd would give it, its spawn in a process group of its own, and the capture of its
 output into the service's journal.
 
-A process that needs limits (MemoryMax=/CPUQuota= through a cgroup, LimitNOFILE=) is spawned behind a gate: a shell
-that waits on a pipe until the limits are applied and then execs the real command, so no instruction of the service
+A process that needs limits (MemoryMax=, MemoryHigh=, CPUQuota=, TasksMax= through a cgroup, LimitNOFILE= as an
+rlimit) is spawned behind a gate: a shell that waits on a pipe until it has joined the service's group (every
+controller's, under cgroup v1) and has its rlimit, and then execs the real command, so no instruction of the service
 runs unconfined. A start step that fails before or while spawning raises StartFailure with systemd's result and
 exit status (200/CHDIR, 203/EXEC, 209/STDOUT).
 """
@@ -19,11 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from harness import reaper
-from harness.sysd.cgroups import Cgroups, cgroup_settings
+from harness.sysd.cgroups import CONTROLLER_OF, ServiceGroup
 from harness.sysd.spec import ExecCommand, OutputSpec
 from quantlab_chaos.envfile import EnvFile
 from quantlab_chaos.errors import UnitError
@@ -221,6 +221,8 @@ def spawn(svc: Service, cmd: ExecCommand, env: dict[str, str], cwd: str, user: p
     if gate_write is not None:
         try:
             _apply_limits(svc, proc.pid, cgroup)
+            if cgroup is not None and role == "main":
+                svc.oom_kills_seen = cgroup.oom_kills() or 0  # an OOM kill after this is this run's
         finally:
             os.close(gate_write)  # releases the gate: the shell execs the real command
     run.registered = generation is None or svc.register(generation, run)
@@ -247,28 +249,40 @@ def _gated_argv(cmd: ExecCommand, argv: list[str], program: str) -> list[str]:
     return ["/bin/sh", "-c", 'read -r _; exec "$@" </dev/null', "quantlab-gate", program, *argv[1:]]
 
 
-def _limits_for_spawn(svc: Service) -> Path | None:
-    """The service's cgroup when MemoryMax=/CPUQuota= can be enforced; records why not otherwise."""
+def _limits_for_spawn(svc: Service) -> ServiceGroup | None:
+    """The service's cgroup, its limits written, when they can be enforced; records why not otherwise."""
     limits = svc.limits
     if svc.cgroup_wanted:
+        cgroups = svc.host.cgroups
         try:
-            svc.cgroup = svc.host.cgroups.create(svc.name, cgroup_settings(svc.spec.memory_max, svc.spec.cpu_quota))
-            svc.limits = dataclasses.replace(limits, enforced=True, cgroup=str(svc.cgroup),
-                                             reason="enforced through cgroup v2")
+            group, skipped = cgroups.create(svc.name, svc.spec.cgroup_limits)
         except OSError as exc:
             svc.cgroup, svc.cgroup_wanted = None, False
-            svc.limits = dataclasses.replace(limits, enforced=False, cgroup=None,
-                                             reason=f"not enforced: creating the cgroup failed ({exc})")
+            svc.limits = dataclasses.replace(limits, enforced=False, cgroup=None, groups=(), files=(),
+                                             hierarchy=cgroups.kind,
+                                             reason=f"not enforced: creating the {cgroups.kind} group failed ({exc})")
+        else:
+            svc.cgroup = group
+            for directive in skipped:
+                svc.note(f"{directive}= not applied: {group.hierarchy} has no {CONTROLLER_OF[directive]} controller "
+                         f"the harness may use here")
+            svc.limits = dataclasses.replace(
+                limits, enforced=True, hierarchy=group.hierarchy, cgroup=str(group.main),
+                groups=tuple(str(path) for path in group.paths),
+                files=tuple((directive, str(path), value) for directive, path, value in group.written),
+                reason=f"enforced through {group.hierarchy} in {group.main}")
     return svc.cgroup
 
 
-def _apply_limits(svc: Service, pid: int, cgroup: Path | None) -> None:
+def _apply_limits(svc: Service, pid: int, cgroup: ServiceGroup | None) -> None:
+    """Moves the gated process into its group and sets its rlimit, before the gate opens."""
     if cgroup is not None:
         try:
-            Cgroups.attach(cgroup, pid)
+            cgroup.attach(pid)
         except OSError as exc:
             svc.limits = dataclasses.replace(svc.limits, enforced=False,
-                                             reason=f"not enforced: moving pid {pid} into {cgroup} failed ({exc})")
+                                             reason=f"not enforced: moving pid {pid} into {cgroup.main} failed "
+                                                    f"({exc})")
     nofile = svc.spec.limit_nofile
     if nofile is not None:
         try:

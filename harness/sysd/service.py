@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import reaper
-from harness.sysd.cgroups import Cgroups
+from harness.sysd.cgroups import Cgroups, ServiceGroup
 from harness.sysd.process import Run, StartFailure, build_env, spawn, working_directory
 from harness.sysd.spec import ExecCommand, ServiceSpec
 from harness.sysd.status import LimitsStatus, LogLine, StartLimit, describe_exit, exit_text, should_restart
@@ -81,8 +81,9 @@ class Service:
     redactor: Redactor = field(default_factory=lambda: Redactor(()))
     journal: deque[LogLine] = field(default_factory=lambda: deque(maxlen=LOG_MEMORY_LINES))
     log_lock: threading.Lock = field(default_factory=threading.Lock)
-    cgroup: Path | None = None
+    cgroup: ServiceGroup | None = None
     cgroup_wanted: bool = False
+    oom_kills_seen: int = 0  # the group's OOM kill count when the current main process was spawned
     control: Run | None = None
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -151,6 +152,12 @@ class Service:
         if seconds == float("inf"):
             seconds = START_TIMEOUT_CAP_S
         return time.monotonic() + seconds
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process in the service's group since its main process started
+        (systemd's result `oom-kill`)."""
+        kills = self.cgroup.oom_kills() if self.cgroup is not None else None
+        return kills is not None and kills > self.oom_kills_seen
 
     def reset_failed(self) -> None:
         """Like `systemctl reset-failed`: forget the failure and the start rate counter."""
@@ -354,10 +361,14 @@ class Service:
                 return
             run.stopping = True
             code, sig, result = describe_exit(returncode)
+            oom_killed = result != "success" and self.oom_killed()
+            result = "oom-kill" if oom_killed else result
             self.exit_code, self.exit_signal, self.main_exit = code, sig, returncode
             was_active = self.active_state == "active"
             self.set_state("deactivating", "stop-sigterm")
         self.log(f"Main process exited, {exit_text(returncode)}")
+        if oom_killed:
+            self.log("A process of this unit has been killed by the OOM killer.")
         cleanup_group(self, run)
         run_stop_commands(self, run.env, "/", None, None, post_only=not was_active)
         with self.host.lock:

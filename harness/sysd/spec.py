@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from harness.sysd.cgroups import Limits
 from harness.sysd.unitfile import Directive, UnitFile
 from harness.sysd.values import (
     ExitStatusSet,
@@ -24,6 +25,7 @@ from harness.sysd.values import (
     parse_memory_limit,
     parse_rlimit,
     parse_signal,
+    parse_tasks_max,
     parse_timespan,
     split_words,
 )
@@ -49,7 +51,8 @@ HONOURED = {
     "Service": frozenset({"Type", "ExecStart", "ExecStartPre", "ExecStartPost", "ExecStop", "ExecStopPost",
                           "WorkingDirectory", "User", "Environment", "EnvironmentFile", "Restart", "RestartSec",
                           "RestartPreventExitStatus", "TimeoutSec", "TimeoutStartSec", "TimeoutStopSec",
-                          "RemainAfterExit", "KillMode", "KillSignal", "MemoryMax", "CPUQuota", "LimitNOFILE",
+                          "RemainAfterExit", "KillMode", "KillSignal", "MemoryMax", "MemoryHigh", "CPUQuota",
+                          "TasksMax", "LimitNOFILE",
                           "StandardOutput", "StandardError", "StartLimitInterval", "StartLimitIntervalSec",
                           "StartLimitBurst"}),
 }
@@ -167,7 +170,9 @@ class ServiceSpec:
     kill_mode: str = "control-group"
     kill_signal: signal.Signals = signal.SIGTERM
     memory_max: int | None = None
+    memory_high: int | None = None
     cpu_quota: float | None = None
+    tasks_max: int | None = None
     limit_nofile: tuple[int, int] | None = None
     standard_output: OutputSpec | None = None
     standard_error: OutputSpec | None = None
@@ -178,6 +183,11 @@ class ServiceSpec:
     def from_unit(cls, unit: UnitFile) -> ServiceSpec:
         """Interprets a service unit; anything the harness cannot run faithfully is a UnitError."""
         return _SpecReader(unit).read()
+
+    @property
+    def cgroup_limits(self) -> Limits:
+        """MemoryMax=, MemoryHigh=, CPUQuota= and TasksMax=, for the cgroup the service runs in."""
+        return Limits(self.memory_max, self.memory_high, self.cpu_quota, self.tasks_max)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -271,7 +281,9 @@ class _SpecReader:
             kill_mode=str(self.value("KillMode", self.kill_mode, "control-group", "one of " + ", ".join(KILL_MODES))),
             kill_signal=self.value("KillSignal", parse_signal, signal.SIGTERM, "a signal name such as SIGTERM"),
             memory_max=self.value("MemoryMax", parse_memory_limit, None, "bytes with K, M, G or T, N%, or infinity"),
+            memory_high=self.value("MemoryHigh", parse_memory_limit, None, "bytes with K, M, G or T, N%, or infinity"),
             cpu_quota=self.value("CPUQuota", parse_cpu_quota, None, "a percentage such as 80%"),
+            tasks_max=self.value("TasksMax", parse_tasks_max, None, "a number of tasks, N%, or infinity"),
             limit_nofile=self.value("LimitNOFILE", parse_rlimit, None, "N, soft:hard or infinity"),
             standard_output=self.output("StandardOutput"),
             standard_error=self.output("StandardError"),

@@ -36,7 +36,9 @@ class ServiceTimeout(ServiceError, TimeoutError):
 
 @dataclass(frozen=True)
 class LimitsStatus:
-    """Whether MemoryMax=/CPUQuota= (cgroup v2) and LimitNOFILE= are enforced, and if not, why."""
+    """Whether the cgroup limits (MemoryMax=, MemoryHigh=, CPUQuota=, TasksMax=) are enforced, through which
+    hierarchy ("cgroup v1" or "cgroup v2") and in which group, and if not, why; and whether LimitNOFILE= is applied.
+    `files` are the cgroup files written: (directive, path, value)."""
 
     enforced: bool
     reason: str
@@ -45,6 +47,11 @@ class LimitsStatus:
     cgroup: str | None = None
     nofile: tuple[int, int] | None = None
     nofile_applied: bool = False
+    memory_high: int | None = None
+    tasks_max: int | None = None
+    hierarchy: str | None = None
+    groups: tuple[str, ...] = ()
+    files: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ class ServiceStatus:
             lines.append(f"  Last exit: {last}")
         lines.append(f"   Restarts: {self.n_restarts}")
         limit = self.limits
-        lines.append(f"     Limits: enforced={limit.enforced} memory_max={limit.memory_max} cpu_quota={limit.cpu_quota}"
-                     f" nofile={limit.nofile} ({limit.reason})")
+        lines.append(f"     Limits: enforced={limit.enforced} memory_max={limit.memory_max} memory_high={limit.memory_high}"
+                     f" cpu_quota={limit.cpu_quota} tasks_max={limit.tasks_max} nofile={limit.nofile} ({limit.reason})")
         if self.message:
             lines.append(f"    Message: {self.message}")
         lines.extend(f"       Note: {note}" for note in self.notes)
@@ -146,7 +153,7 @@ def should_restart(policy: str, result: str, *, main_exit: int | None = None,
     if policy == "on-failure":
         return result != "success"
     if policy == "on-abnormal":
-        return result in ("signal", "core-dump", "timeout", "watchdog")
+        return result in ("signal", "core-dump", "timeout", "watchdog", "oom-kill")
     if policy == "on-abort":
         return result in ("signal", "core-dump")
     if policy == "on-watchdog":

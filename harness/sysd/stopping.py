@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from harness.sysd.cgroups import Cgroups
 from harness.sysd.process import Run, StartFailure, build_env, safe_cwd, spawn, user_for
 from harness.sysd.spec import ExecCommand
 from harness.sysd.status import describe_exit, exit_text
@@ -152,7 +151,7 @@ def _kill_group(svc: Service, run: Run, escaped: list[psutil.Process], include_g
         except psutil.Error:
             continue
     if svc.cgroup is not None:
-        Cgroups.kill(svc.cgroup)
+        svc.cgroup.kill()
     if include_group:
         until_deadline(lambda: not group_members(run.pid), time.monotonic() + KILL_WAIT_S)
 

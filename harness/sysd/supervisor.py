@@ -4,8 +4,9 @@
 a `ServiceSpec` it builds the environment like systemd (base env, Environment=, EnvironmentFile=),
 starts the process in its own process group, captures stdout/stderr journal-style, follows
 Type=, Restart=, RestartSec=, RestartPreventExitStatus=, StartLimitIntervalSec=/StartLimitBurst=,
-TimeoutStopSec= and KillMode=, and applies MemoryMax=/CPUQuota= through cgroup v2 when it can (otherwise it
-says why in `status().limits`). Nothing outlives it: close(), exceptions, atexit and SIGTERM/SIGHUP all kill
+TimeoutStopSec= and KillMode=, and applies MemoryMax=, MemoryHigh=, CPUQuota= and TasksMax= through cgroup v2 or,
+where v2 lacks the controllers, cgroup v1, when it can (`status().limits` says which, or why not; `cgroups_summary`
+says it once for the whole supervisor). Nothing outlives it: close(), exceptions, atexit and SIGTERM/SIGHUP all kill
 the process groups it started.
 
 Deviations from systemd, on purpose: output sent to `StandardOutput=file:/append:` is also kept in
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from harness.readiness import Readiness, make_probe
 from harness.sysd import exit_hooks, stopping
-from harness.sysd.cgroups import CGROUP_ROOT, Cgroups
+from harness.sysd.cgroups import CGROUP_ROOT, Cgroups, ServiceGroup
 from harness.sysd.process import build_env
 from harness.sysd.service import Host, Service
 from harness.sysd.spec import ServiceSpec
@@ -39,12 +40,12 @@ class Supervisor:
     """Runs services from unit files; `with Supervisor(tmp_path) as sup: sup.add(...); sup.start(...)`."""
 
     def __init__(self, runtime_dir: str | os.PathLike[str], *, cgroup_root: Path = CGROUP_ROOT,
-                 honour_user: bool = True, close_timeout: float = 10.0) -> None:
+                 honour_user: bool = True, close_timeout: float = 10.0, cgroups: Cgroups | None = None) -> None:
         self.runtime_dir = Path(runtime_dir)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.close_timeout = close_timeout
         self._services: dict[str, Service] = {}
-        self._host = Host(cgroups=Cgroups(cgroup_root), honour_user=honour_user)
+        self._host = Host(cgroups=cgroups if cgroups is not None else Cgroups(cgroup_root), honour_user=honour_user)
         exit_hooks.register(self)
 
     # -- context manager ------------------------------------------------------------------------
@@ -75,8 +76,7 @@ class Supervisor:
                 limiter=StartLimit(spec.start_limit_interval, spec.start_limit_burst),
                 limits=self._initial_limits(spec),
             )
-            service.cgroup_wanted = self._host.cgroups.available and (spec.memory_max is not None
-                                                                      or spec.cpu_quota is not None)
+            service.cgroup_wanted = self._host.cgroups.available and spec.cgroup_limits.requested
             for warning in spec.warnings:
                 service.note(warning)
             for rewrite in spec.rewrites:
@@ -87,14 +87,25 @@ class Supervisor:
             self._services[name] = service
 
     def _initial_limits(self, spec: ServiceSpec) -> LimitsStatus:
-        nofile = spec.limit_nofile
-        if spec.memory_max is None and spec.cpu_quota is None:
-            reason = "not requested: the unit sets no MemoryMax= or CPUQuota="
-        elif not self._host.cgroups.available:
-            reason = self._host.cgroups.reason
+        cgroups = self._host.cgroups
+        if not spec.cgroup_limits.requested:
+            reason = "not requested: the unit sets no MemoryMax=, MemoryHigh=, CPUQuota= or TasksMax="
+        elif not cgroups.available:
+            reason = cgroups.reason
         else:
-            reason = "pending: applied when the service starts"
-        return LimitsStatus(False, reason, memory_max=spec.memory_max, cpu_quota=spec.cpu_quota, nofile=nofile)
+            reason = f"pending: applied through {cgroups.kind} when the service starts"
+        return LimitsStatus(False, reason, memory_max=spec.memory_max, cpu_quota=spec.cpu_quota,
+                            nofile=spec.limit_nofile, memory_high=spec.memory_high, tasks_max=spec.tasks_max,
+                            hierarchy=cgroups.kind)
+
+    @property
+    def cgroups_summary(self) -> str:
+        """Once for all its services: the hierarchy the limits are enforced through, or why they are not."""
+        return self._host.cgroups.describe()
+
+    def cgroup(self, name: str) -> ServiceGroup | None:
+        """The service's cgroup (its accounting: CPU time, OOM kills), once a start made it; None without one."""
+        return self._get(name).cgroup
 
     def _get(self, name: str) -> Service:
         try:

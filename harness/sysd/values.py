@@ -12,6 +12,7 @@ import re
 import resource
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
 # Time spans, sizes, quotas, limits
@@ -77,6 +78,32 @@ def parse_memory_limit(text: str) -> int | None:
     if not match:
         raise ValueError(f"{text!r} is not a size (use bytes, or K, M, G, T with base 1024, or N%, or infinity)")
     return int(float(match.group(1)) * _SIZE_SUFFIX[match.group(2)])
+
+
+def system_tasks_max() -> int:
+    """The base of `TasksMax=N%`: the most tasks the kernel allows (threads-max, and pid_max less pid 0)."""
+    limits = []
+    for name, less in (("threads-max", 0), ("pid_max", 1)):
+        try:
+            limits.append(int(Path("/proc/sys/kernel", name).read_text().strip()) - less)
+        except (OSError, ValueError):
+            continue
+    return min(limits, default=4194303)
+
+
+def parse_tasks_max(text: str) -> int | None:
+    """The task limit in a TasksMax= value (`4096`, `15%` of the system's limit); None for `infinity`."""
+    value = text.strip()
+    if value == "infinity":
+        return None
+    if value.endswith("%"):
+        percent = float(value[:-1])
+        if not 0 < percent <= 100:
+            raise ValueError(f"{text!r} is not a percentage above 0% and at most 100%")
+        return max(1, int(system_tasks_max() * percent / 100))
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"{text!r} is not a task count (use a whole number above 0, N%, or infinity)")
+    return int(value)
 
 
 def parse_cpu_quota(text: str) -> float:

@@ -1,0 +1,3 @@
+module github.com/quantlab/quantlab-chaos/tools/netns-exec
+
+go 1.21
