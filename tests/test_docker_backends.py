@@ -183,18 +183,19 @@ def test_every_container_is_labelled_and_a_killed_owner_leaves_none(tmp_path: Pa
 
 @needs_docker
 def test_the_sweep_removes_containers_whose_owner_and_reaper_are_gone(tmp_path: Path) -> None:
-    owner, ids, reaper_pid = _start_owner(tmp_path)
-    try:
-        os.kill(reaper_pid, signal.SIGKILL)  # the reaper first: nothing removes them when the owner dies
-    finally:
-        _kill(owner)
-    time.sleep(1)
-    assert all(_inspect(container_id) is not None for container_id in ids)
-    with ToxiproxyServer(backend="container") as alive:  # a living owner's container stays
+    # A living owner's container first (its start sweeps this engine once, before there is anything to sweep).
+    with ToxiproxyServer(backend="container") as alive:
+        owner, ids, reaper_pid = _start_owner(tmp_path)
+        try:
+            os.kill(reaper_pid, signal.SIGKILL)  # the reaper first: nothing removes them when the owner dies
+        finally:
+            _kill(owner)
+        time.sleep(1)
+        assert all(_inspect(container_id) is not None for container_id in ids)
         removed = containers.sweep_dead_owners(containers.docker_host(), force=True)
         assert set(ids) <= set(removed)  # and any other test's orphan of the moment
-        assert alive.version() == "2.12.0"
-    assert all(_inspect(container_id) is None for container_id in ids)
+        assert all(_inspect(container_id) is None for container_id in ids)
+        assert alive.version() == "2.12.0", "a living owner's container stays"
 
 
 @needs_docker
