@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,12 @@ from harness.sysd.supervisor import Supervisor
 from harness.sysd.unitfile import parse_unit
 from harness.sysd.values import parse_tasks_max
 from harness.target import PROJECT_ROOT
-from tests.test_services import PY, Units, wait_gone
+from tests.supervised import PY, Units, wait_gone
 
 HERE = probe()
 ENFORCED_HERE = pytest.mark.skipif(not isinstance(HERE, Hierarchy), reason=f"cgroup limits cannot be enforced "
                                                                          f"here: {HERE}")
 MB = 1024**2
-
-
-@pytest.fixture()
-def units(tmp_path: Path) -> Units:
-    return Units(tmp_path)
-
-
-@pytest.fixture()
-def sup(tmp_path: Path) -> Iterator[Supervisor]:
-    with Supervisor(tmp_path / "runtime") as supervisor:
-        yield supervisor
 
 
 # -- the values ----------------------------------------------------------------------------------------------

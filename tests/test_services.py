@@ -10,7 +10,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,74 +18,14 @@ import pytest
 
 from harness.ports import free_port
 from harness.sysd.deploy import load_service
-from harness.sysd.spec import ServiceSpec
 from harness.sysd.status import ServiceError, ServiceFailed, ServiceStatus, StartLimit, describe_exit, should_restart
 from harness.sysd.supervisor import Supervisor
-from harness.sysd.unitfile import parse_unit
 from harness.sysd.values import ExitStatusSet
 from quantlab_chaos.envfile import write_env_file
+from tests.supervised import PY, Units, gone, read_when_present, wait_gone
 
 PROJECT = Path(__file__).resolve().parents[1]
-PY = f"{sys.executable} -u -S"  # -S: the scripts need only the standard library, and start faster
 SECRET = "s3cr3t-token-value"
-
-
-def gone(pid: int) -> bool:
-    try:
-        status: str = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return True
-    return bool(status == psutil.STATUS_ZOMBIE)  # psutil may be untyped: the comparison is then Any
-
-
-def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not gone(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def read_when_present(path: Path, timeout: float = 5.0, lines: int = 1) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        if path.exists():
-            content = path.read_text().splitlines()
-            if len(content) >= lines:
-                return content
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{path} did not get {lines} line(s) within {timeout} s")
-        time.sleep(0.02)
-
-
-class Units:
-    """Writes scripts and unit files into a test's tmp_path."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def script(self, name: str, code: str) -> Path:
-        path = self.root / f"{name}.py"
-        path.write_text(textwrap.dedent(code))
-        return path
-
-    def spec(self, name: str, service: str, unit_section: str = "") -> ServiceSpec:
-        path = self.root / f"{name}.service"
-        text = f"[Unit]\nDescription={name}\n{textwrap.dedent(unit_section)}\n[Service]\n{textwrap.dedent(service)}"
-        path.write_text(text)
-        return ServiceSpec.from_unit(parse_unit(path))
-
-
-@pytest.fixture()
-def units(tmp_path: Path) -> Units:
-    return Units(tmp_path)
-
-
-@pytest.fixture()
-def sup(tmp_path: Path) -> Iterator[Supervisor]:
-    with Supervisor(tmp_path / "runtime") as supervisor:
-        yield supervisor
 
 
 SLEEPER = """\
