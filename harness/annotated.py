@@ -28,6 +28,7 @@ from quantlab_chaos.errors import ConfigError
 from quantlab_chaos.runbook import load_runbook
 
 RUNBOOK_HTML = "runbook.html"
+JOURNALS_JSON = "journals.json"  # the scenarios' journals beside summary.json, so the page can be drawn again later
 NOT_RUN = "not-run"
 GIT_TIMEOUT_S = 5.0
 MAX_EVIDENCE_CHARS = 3000  # per evidence value; the whole value stays in junit.xml
@@ -242,7 +243,36 @@ def _line_extras(summary: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any
         line = drift.get("line") or lines.get(drift.get("item"))
         if line:
             extras.setdefault(int(line), []).append(_drift(drift))
+    for proposal in (summary.get("remedy") or {}).get("proposals", []):
+        for index, line in enumerate(proposal.get("lines") or []):
+            extras.setdefault(int(line), []).append(_proposal(proposal, line, first=index == 0))
     return extras
+
+
+def _proposal(proposal: Mapping[str, Any], line: int, *, first: bool) -> str:
+    """A remedy's proposal on a line it concerns, with its verification: in full on its first line, named on the
+    others."""
+    verification = proposal.get("verification") or {}
+    status = str(verification.get("status", "not run"))
+    change = "change the runbook's text" if proposal.get("change") == "runbook" else "change the system"
+    head = (f'<span class="badge">{escape(change)}</span> <b>{escape(str(proposal.get("title", "")))}</b> '
+            f'<span class="verification" data-status="{escape(status)}">{escape(status)}</span>')
+    attrs = (f'class="proposal {escape(slug(status))}" data-proposal="{escape(str(proposal.get("id", "")))}" '
+             f'data-verification="{escape(status)}"')
+    if not first:
+        return f'<div {attrs}>{head} <span class="why">(in full at line {int(proposal["lines"][0])})</span></div>'
+    edits = "".join(f'<li>line {int(e["line"])}: <code>{escape(str(e["old"]))}</code> becomes '
+                    f'<code>{escape(str(e["new"]))}</code></li>' for e in proposal.get("edits") or [])
+    dropin = proposal.get("dropin") or {}
+    settings = "".join(f'<li>[{escape(str(s["section"]))}] <code>{escape(str(s["key"]))}={escape(str(s["value"]))}'
+                       f'</code> (the unit: {escape(str(s["current"]) or "none")})</li>'
+                       for s in dropin.get("settings") or [])
+    where = f'<p>drop-in <code>remedy/systemd/{escape(str(dropin["path"]))}</code></p>' if dropin else ""
+    evidence = "".join(f"<li>{escape(str(e))}</li>" for e in proposal.get("evidence") or [])
+    return (f'<details {attrs}><summary>{head}<div class="why">{escape(str(verification.get("why", "")))}</div>'
+            f'</summary><p>{escape(str(proposal.get("why", "")))}</p>{where}'
+            f'{"<ul class=edits>" + edits + settings + "</ul>" if edits or settings else ""}'
+            f'{"<h4>Evidence</h4><ul>" + evidence + "</ul>" if evidence else ""}</details>')
 
 
 def _finding(finding: Mapping[str, Any]) -> str:
@@ -405,4 +435,9 @@ table.drift th{background:#f4efff}.accepted{font-size:12px;color:#555}
 .mark{position:absolute;top:0;font-size:11px;font-weight:bold;transform:translateX(-50%);color:#fff;
 padding:0 .2em;border-radius:2px}.mark.fault{background:#cf222e}.mark.detected{background:#bf8700}
 .mark.fix{background:#0969da}.mark.recovered{background:#1a7f37}
+.proposal{margin:.3em 0;padding:.2em .5em;border-left:6px solid var(--v,#0969da);background:#f0f6ff}
+.proposal summary{cursor:pointer}.proposal .badge{font-size:12px;font-weight:bold;color:#0969da}
+.proposal .verification{display:inline-block;border-radius:3px;padding:0 .45em;font-weight:bold;font-size:12px;
+color:#fff;background:var(--v,#57606a)}.proposal.verified{--v:#1a7f37}.proposal.not-verified{--v:#cf222e}
+.proposal.not-applicable{--v:#bf8700}.proposal.not-run{--v:#888}.proposal .why{color:#555;font-size:13px}
 """

@@ -44,6 +44,20 @@ def _run(args: argparse.Namespace) -> int:
                toxiproxy_backend=args.toxiproxy_backend)
 
 
+def _remedy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.remedy.command import remedy
+    from harness.run import DEFAULT_REPORTS
+
+    options = {"workers": args.n, "s3_backend": args.s3_backend, "s3_url": args.s3_url,
+               "toxiproxy_bin": args.toxiproxy_bin, "toxiproxy_backend": args.toxiproxy_backend}
+    return remedy(quantlab_root=args.quantlab_root, runbook=args.runbook,
+                  from_dir=Path(args.from_dir).expanduser().resolve() if args.from_dir else None,
+                  out_dir=Path(args.out).expanduser().resolve() if args.out else None, verify=args.verify,
+                  run_options=options, default_reports=DEFAULT_REPORTS)
+
+
 def _soak(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -178,6 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--reports", help="reports folder (default: reports/ in this project)")
     main_job.add_argument("--pytest-arg", dest="pytest_args", action="append", help="extra argument for pytest (repeatable)")
     main_job.set_defaults(handler=_run)
+
+    fix = commands.add_parser(
+        "remedy", help="what to change for each mismatch (runbook patch, unit drop-ins), and --verify proves it",
+        description="Writes REPORTS/remedy/: runbook.patch (the runbook's text made to say what the system does, "
+                    "where the text is what is wrong), systemd/<unit>.d/10-runbook-safety.conf (the runbook's safety "
+                    "defaults for each unit that lacks them) and REMEDY.md (for every fail, drift and blocked item: "
+                    "what is proposed and why, or why nothing is). --verify applies them to copies of the checkout "
+                    "and the runbook and reruns the affected items; neither the checkout nor the runbook is changed.",
+        epilog="Exit codes: 0 written (with --verify: every proposal verified); 1 with --verify, some proposal is not "
+               "verified or not applicable; 3 the rerun itself failed (the harness's error); 2 bad input.")
+    _add_target_options(fix)
+    fix.add_argument("--from", dest="from_dir", metavar="REPORTS",
+                     help="a run's reports folder (its summary.json gives the items' outcomes; its runbook.html and "
+                          "summary.md are brought up to date); default: the static check alone")
+    fix.add_argument("--out", help="where to write the remedy (default: REPORTS/remedy, or reports/remedy)")
+    fix.add_argument("--verify", action="store_true", help="apply the proposals to copies and rerun the affected items")
+    fix.add_argument("-n", default="auto", help="parallel workers of the rerun (default auto)")
+    fix.add_argument("--s3-backend", default="moto", choices=("moto", "minio", "url"), help="for the rerun")
+    fix.add_argument("--s3-url", help="S3 endpoint for --s3-backend url")
+    fix.add_argument("--toxiproxy-bin", help="path of toxiproxy-server")
+    fix.add_argument("--toxiproxy-backend", choices=("binary", "container"), help="for the rerun")
+    fix.set_defaults(handler=_remedy)
 
     soak_job = commands.add_parser("soak", help="the chaos suite N times; fails listing every test whose outcome differed")
     _add_target_options(soak_job)

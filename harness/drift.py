@@ -31,11 +31,19 @@ DIRECTIVE_SECTIONS = {"StartLimitIntervalSec": "Unit", "StartLimitBurst": "Unit"
 
 @dataclass(frozen=True)
 class Drift:
+    """One mismatch, in words (`runbook`, `system`) and as values a remedy can act on: `subject` is what it is about
+    (a unit file's name, a path, a code, an env name), `want` the runbook's value, `have` the system's ("" where the
+    system has none) and `where` the file and line that hold the system's side."""
+
     kind: str
     item: str
     runbook: str
     system: str
     line: int | None = None
+    subject: str = ""
+    want: str = ""
+    have: str = ""
+    where: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,11 +124,14 @@ def _units(runbook: Runbook, target: Target) -> Iterable[Drift]:
     for path, source in runbook.unit_files:
         if not (target.root / path).is_file():
             found = target.units.get(Path(path).name)
-            elsewhere = f"it is at {found.relative_to(target.root)}" if found else "no such unit file in the checkout"
-            yield Drift("unit-file", items.START_STOP, path, elsewhere, source.line)
+            at = str(found.relative_to(target.root)) if found else ""
+            elsewhere = f"it is at {at}" if found else "no such unit file in the checkout"
+            yield Drift("unit-file", items.START_STOP, path, elsewhere, source.line, subject=path, want=path, have=at,
+                        where=at)
     for command in runbook.systemctl + [c for step in runbook.break_glass for c in step.systemctl]:
         if command.unit not in target.units:
-            yield Drift("unit", items.START_STOP, command.text, f"no unit file {command.unit} in the checkout", command.source.line)
+            yield Drift("unit", items.START_STOP, command.text, f"no unit file {command.unit} in the checkout",
+                        command.source.line, subject=command.unit, want=command.unit)
 
 
 def _commands(runbook: Runbook, target: Target) -> Iterable[Drift]:
@@ -130,7 +141,7 @@ def _commands(runbook: Runbook, target: Target) -> Iterable[Drift]:
         for script in scripts[:1]:
             if not (target.root / script).is_file():
                 yield Drift("script", items.SELF_TEST if command in runbook.self_tests else items.CANARY, command.text,
-                            f"{script} does not exist in the checkout", command.source.line)
+                            f"{script} does not exist in the checkout", command.source.line, subject=script, want=script)
 
 
 def _identifiers(runbook: Runbook, source: SourceIndex) -> Iterable[Drift]:
@@ -138,19 +149,22 @@ def _identifiers(runbook: Runbook, source: SourceIndex) -> Iterable[Drift]:
         item = items.failure_item(failure.id)
         for code in failure.symptom_ids.codes:
             if not source.where(code):
-                yield Drift("code", item, code, "no source file of the target mentions this code", failure.symptom_source.line)
+                yield Drift("code", item, code, "no source file of the target mentions this code", failure.symptom_source.line,
+                            subject=code, want=code)
         for name in failure.fix_ids.env_names:
             pattern = re.escape(name.rstrip("*")) + (r"\w+" if name.endswith("*") else r"\b")
             if not source.where_pattern(pattern):
-                yield Drift("env", item, name, "no source file of the target reads this variable", failure.fix_source.line)
+                yield Drift("env", item, name, "no source file of the target reads this variable", failure.fix_source.line,
+                            subject=name, want=name)
         for path in failure.fix_ids.paths:
             if not source.where(path.rstrip("/")):
-                yield Drift("path", item, path, "no source file of the target uses this path", failure.fix_source.line)
+                yield Drift("path", item, path, "no source file of the target uses this path", failure.fix_source.line,
+                            subject=path, want=path)
     for step in runbook.break_glass:
         for name in step.ids.env_names:
             if not source.where_pattern(re.escape(name) + r"\b"):
                 yield Drift("env", items.break_glass_item(step.id), name, "no source file of the target reads this variable",
-                            step.source.line)
+                            step.source.line, subject=name, want=name)
 
 
 def _routes_and_ports(runbook: Runbook, target: Target, source: SourceIndex) -> Iterable[Drift]:
@@ -160,7 +174,8 @@ def _routes_and_ports(runbook: Runbook, target: Target, source: SourceIndex) -> 
         route = re.sub(r"<[a-z_]+>", "", request.path.split("?")[0]).rstrip("/")
         route_start = route.split("//")[0]
         if not source.where(route_start.rsplit("/", 1)[0] if route_start.count("/") > 2 else route_start):
-            yield Drift("route", items.HEALTH_CHECKS, request.path, "no source file of the target serves this path", request.source.line)
+            yield Drift("route", items.HEALTH_CHECKS, request.path, "no source file of the target serves this path",
+                        request.source.line, subject=request.path, want=request.path)
     ports = {request.port for request in requests}
     observer = target.units.get("quantlab-observer.service")
     if observer is None or not ports:
@@ -170,12 +185,15 @@ def _routes_and_ports(runbook: Runbook, target: Target, source: SourceIndex) -> 
     except UnitError as exc:
         yield Drift("unit-file", items.HEALTH_CHECKS, str(observer), f"unparseable: {exc}")
         return
-    assigned = [value for raw in unit.get_all("Service", "Environment") for value in re.findall(r"OBSERVER_PORT=(\d+)", raw)]
+    assigned = [(value, directive) for directive in unit.find_all("Service", "Environment")
+                for value in re.findall(r"OBSERVER_PORT=(\d+)", directive.value)]
     for port in ports:
-        if assigned and str(port) not in assigned:
+        if assigned and str(port) not in [value for value, _ in assigned]:
             line = next(r.source.line for r in requests if r.port == port)
+            value, directive = assigned[-1]
             yield Drift("port", items.HEALTH_CHECKS, f"observer on port {port}",
-                        f"{observer.relative_to(target.root)} sets OBSERVER_PORT={assigned[-1]}", line)
+                        f"{observer.relative_to(target.root)} sets OBSERVER_PORT={value}", line, subject=observer.name,
+                        want=str(port), have=value, where=f"{observer.relative_to(target.root)} {directive.where}")
 
 
 def _safety_defaults(runbook: Runbook, target: Target, source: SourceIndex) -> Iterable[Drift]:
@@ -188,20 +206,25 @@ def _safety_defaults(runbook: Runbook, target: Target, source: SourceIndex) -> I
             continue
         for setting in runbook.unit_directives:
             section = DIRECTIVE_SECTIONS.get(setting.name, "Service")
-            actual = unit.get(section, setting.name)
+            found = unit.find(section, setting.name)
+            actual = found.value if found else None
             if actual is None or not _same_value(setting.name, setting.value, actual):
+                relative = path.relative_to(target.root)
                 yield Drift("safety-default", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
-                            f"{path.relative_to(target.root)} [{section}] has "
-                            f"{setting.name}={actual}" if actual is not None else
-                            f"{path.relative_to(target.root)} [{section}] lacks {setting.name}", setting.source.line)
+                            f"{relative} [{section}] has {setting.name}={actual}" if actual is not None else
+                            f"{relative} [{section}] lacks {setting.name}", setting.source.line, subject=path.name,
+                            want=setting.value, have=actual or "",
+                            where=f"{relative} {found.where}" if found else f"{relative} [{section}]")
     for setting in runbook.env_limits:
         files = source.where(setting.name)
         if not files:
             yield Drift("env-limit", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
-                        "no source file of the target reads this variable", setting.source.line)
+                        "no source file of the target reads this variable", setting.source.line, subject=setting.name,
+                        want=setting.value)
         elif not any(setting.value in _plain_numbers(source.files[name]) for name in files):
             yield Drift("env-limit", items.SAFETY_DEFAULTS, f"{setting.name}={setting.value}",
-                        f"{', '.join(files[:2])} read it, but none has the default {setting.value}", setting.source.line)
+                        f"{', '.join(files[:2])} read it, but none has the default {setting.value}", setting.source.line,
+                        subject=setting.name, want=setting.value, where=", ".join(files[:2]))
 
 
 def _plain_numbers(text: str) -> str:

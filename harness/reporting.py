@@ -30,10 +30,11 @@ from typing import Any
 
 import pytest
 
-from harness.annotated import write_annotated
+from harness.annotated import JOURNALS_JSON, write_annotated
 from harness.outcomes import DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.summary_markdown import markdown, severity_rank, short_test_name
 from harness.target import PROFILE_FILE, Acceptance
+from quantlab_chaos.errors import HarnessError
 from quantlab_chaos.runbook import Runbook, RunbookItem
 
 SUMMARY_JSON = "summary.json"
@@ -285,12 +286,30 @@ class RunbookReport:
     def write(self, allure_extras: bool = True) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         data = self.summary()
+        data["remedy"] = self.remedy(data)
+        journals = {nodeid: o.journal for nodeid, o in self.outcomes.items()}
         (self.out_dir / SUMMARY_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        (self.out_dir / JOURNALS_JSON).write_text(json.dumps(journals, default=str) + "\n")
         (self.out_dir / SUMMARY_MD).write_text(markdown(data))
         if self.allure_dir is not None and allure_extras:
             write_allure_extras(self.allure_dir, data)
-        write_annotated(self.out_dir, data, {nodeid: o.journal for nodeid, o in self.outcomes.items()}, self.runbook.path)
+        write_annotated(self.out_dir, data, journals, self.runbook.path)
         return data
+
+    def remedy(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What to change for each fail, drift or blocked item (reports/remedy/), as summary.json's `remedy` block;
+        verified only by `quantlab-chaos remedy --verify`. A checkout the remedy cannot read says so in the block."""
+        from harness.remedy import report
+        from harness.remedy.propose import propose
+        from harness.target import Target
+
+        try:
+            target = Target.load(self.target_root, self.runbook.path)
+            found = propose(self.runbook, target, data["drift"], data["items"], "this run and the static check")
+            report.write(self.out_dir / report.REMEDY_DIR, found, data["items"])
+        except (HarnessError, OSError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "proposals": [], "unproposed": []}
+        return found.to_dict()
 
 
 def junit_errors(path: Path, nodeids: set[str]) -> None:

@@ -169,7 +169,7 @@ def _clean(reports: Path, allure_dir: Path) -> None:
     reports.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(allure_dir, ignore_errors=True)
     shutil.rmtree(reports / "allure-report", ignore_errors=True)
-    for name in ("summary.json", "summary.md", "junit.xml", "drift.json"):
+    for name in ("summary.json", "summary.md", "junit.xml", "drift.json", "journals.json"):
         (reports / name).unlink(missing_ok=True)
 
 

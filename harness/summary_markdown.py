@@ -7,6 +7,7 @@ from typing import Any
 
 from harness.experiment import SEVERITIES, said
 from harness.outcomes import BLOCKED, FAIL, OUTCOMES, PASS, SKIPPED, one_sentence
+from harness.remedy.report import table
 
 MAX_LISTED_LEAKS = 30  # in summary.md; summary.json lists them all
 SEVERITY_ORDER = tuple(reversed(SEVERITIES))  # most severe first
@@ -56,9 +57,19 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Runbook drift", ""]
         lines += [f"- [{d['kind']}] {d['item']}: runbook line {d.get('line') or '-'} says `{d['runbook']}`; "
                   f"the system: {d['system']}" for d in data["drift"]]
+    lines += _remedy_markdown(data.get("remedy"), data["items"])
     lines += _security_markdown(data.get("security"))
     lines += _secrets_markdown(data.get("secrets"))
     return "\n".join(lines) + "\n"
+
+
+def _remedy_markdown(block: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+    """What the remedy proposes for each item (reports/remedy/ has the patch, the drop-ins and REMEDY.md)."""
+    if not block:
+        return []
+    if block.get("error"):
+        return ["", "## Remedy", "", f"No remedy could be drawn: {block['error']}"]
+    return ["", "## Remedy (reports/remedy/: runbook.patch, systemd/ drop-ins, REMEDY.md)", "", *table(block, rows)]
 
 
 SENTENCE_LIMIT = 240  # characters of a verdict in summary.md; summary.json keeps the whole text

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.sysd.deploy import DEPLOY_ROOT, RESOLVABLE_BINARIES
+from harness.sysd.unitfile import dropin_files
 from harness.target import Target
 
 TIMEOUT_S = 60.0
@@ -48,12 +49,18 @@ class UnitAnalysis:
 
 
 def copies_with_checkout_root(target: Target, folder: Path) -> dict[str, Path]:
-    """Every unit of the checkout copied into one folder (so a timer finds its service), deploy root rewritten."""
+    """Every unit of the checkout copied into one folder (so a timer finds its service), with the drop-ins it reads
+    in `<unit>.d/` beside it (systemd-analyze reads them there), deploy root rewritten."""
     folder.mkdir(parents=True, exist_ok=True)
     copies = {}
     for name, path in target.units.items():
         copy = folder / name
         copy.write_text(path.read_text().replace(DEPLOY_ROOT, str(target.root)))
+        for index, dropin in enumerate(dropin_files(path)):
+            # One folder and one order for every level of drop-in: the index keeps systemd's order of application.
+            (folder / f"{name}.d").mkdir(exist_ok=True)
+            (folder / f"{name}.d" / f"{index:02d}-{dropin.name}").write_text(
+                dropin.read_text().replace(DEPLOY_ROOT, str(target.root)))
         copies[name] = copy
     return copies
 

@@ -218,7 +218,7 @@ class _SpecReader:
 
     def fail(self, item: Directive | None, problem: str, fix: str) -> UnitError:
         """A UnitError at the directive's line (at the file when the problem is a directive that is missing)."""
-        return self.unit.error(item.line if item else None, problem, fix)
+        return self.unit.error(None, problem, fix, item)
 
     def value(self, key: str, parse: Callable[[str], T], default: D, what: str,
               section: str = "Service") -> T | D:
@@ -386,7 +386,7 @@ class _SpecReader:
             for word in words:
                 name, eq, value = word.partition("=")
                 if not eq or not NAME_OK.match(name):
-                    self.warnings.append(f"{where(self.unit.source, item.line)}: Environment= word {word!r} is "
+                    self.warnings.append(f"{where(self.unit.file_of(item), item.line)}: Environment= word {word!r} is "
                                          f"not NAME=value; systemd ignores it")
                     continue
                 pairs.append((name, value))
@@ -407,14 +407,14 @@ class _SpecReader:
 
     def start_limit_interval(self) -> float:
         # [Unit] StartLimitIntervalSec= is current; [Service] StartLimitInterval= is the legacy spelling.
-        # systemd stores both in one field, so the assignment that comes last in the file wins.
+        # systemd stores both in one field, so the assignment that comes last (drop-ins after the file) wins.
         candidates = [item for item in (self.unit.find("Unit", "StartLimitIntervalSec"),
                                         self.unit.find("Unit", "StartLimitInterval"),
                                         self.unit.find("Service", "StartLimitIntervalSec"),
                                         self.unit.find("Service", "StartLimitInterval")) if item]
         if not candidates:
             return DEFAULT_START_LIMIT_INTERVAL
-        item = max(candidates, key=lambda d: d.line)
+        item = max(candidates, key=lambda d: d.order)
         try:
             return parse_timespan(item.value)
         except ValueError as exc:
@@ -427,7 +427,7 @@ class _SpecReader:
                                         self.unit.find("Service", "StartLimitBurst")) if item]
         if not candidates:
             return DEFAULT_START_LIMIT_BURST
-        item = max(candidates, key=lambda d: d.line)
+        item = max(candidates, key=lambda d: d.order)
         if not item.value.strip().isdigit():
             raise self.fail(item, f"StartLimitBurst={item.value} is not a whole number", "Use e.g. StartLimitBurst=5")
         return int(item.value)

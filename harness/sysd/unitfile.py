@@ -3,13 +3,19 @@ specifiers that name the unit (%n, %N, %p, %i, %I).
 
 `parse_unit` gives a `UnitFile`: repeated keys kept in file order (an empty assignment resets a list), values with
 specifiers expanded, and each directive's line number, so every error and report can point at the line.
+
+It reads the unit's drop-ins as systemd does (systemd.unit(5), "drop-in directories"): every `*.conf` in
+`<unit>.d/` beside the unit file, and in the less specific `<type>.d/` and dash-prefix directories
+(`quantlab-.service.d/`), taken in the order of their file names; of two files with the same name the one in the
+more specific directory is read. Their directives follow the unit file's, so a later assignment overrides an earlier
+one and an empty one resets a list, exactly as in one file.
 """
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantlab_chaos.envfile import where
@@ -27,6 +33,13 @@ class Directive:
     value: str
     line: int
     raw: str = ""
+    origin: str = ""  # the drop-in it comes from (`<unit>.d/10-x.conf`); "" for the unit file itself
+    order: int = 0  # its place among every directive of the unit and its drop-ins: the larger, the later
+
+    @property
+    def where(self) -> str:
+        """`line 12`, or `quantlab-worker.service.d/10-x.conf line 3` for a drop-in's directive."""
+        return f"{self.origin} line {self.line}" if self.origin else f"line {self.line}"
 
 
 @dataclass
@@ -37,6 +50,7 @@ class UnitFile:
     path: Path | None = None
     sections: dict[str, list[Directive]] = field(default_factory=dict)
     unresolved_specifiers: list[tuple[int, str]] = field(default_factory=list)
+    dropins: list[Path] = field(default_factory=list)  # the drop-in files read after the unit file, in order
 
     @property
     def source(self) -> str:
@@ -80,8 +94,14 @@ class UnitFile:
         """Whether the file has a [section] header (even an empty one)."""
         return section in self.sections
 
-    def error(self, line: int | None, problem: str, fix: str) -> UnitError:
-        """A UnitError in the house style: `file:line: problem. Fix.`"""
+    def file_of(self, item: Directive) -> str:
+        """The file a directive was read from: the unit file, or the drop-in beside it."""
+        return str(self.path.parent / item.origin) if item.origin and self.path else self.source
+
+    def error(self, line: int | None, problem: str, fix: str, item: Directive | None = None) -> UnitError:
+        """A UnitError in the house style: `file:line: problem. Fix.` (the drop-in's file for its directive)."""
+        if item is not None:
+            return UnitError(f"{where(self.file_of(item), item.line)}: {problem}. {fix.rstrip('.')}.")
         return UnitError(f"{where(self.source, line)}: {problem}. {fix.rstrip('.')}.")
 
 
@@ -159,19 +179,59 @@ def parse_unit_text(text: str, name: str, path: Path | None = None) -> UnitFile:
                              "Directive names use only letters, digits, '-' and '_'")
         value, unresolved = expand_specifiers(raw.strip(), name)
         unit.unresolved_specifiers.extend((number, spec) for spec in unresolved)
-        unit.sections[section].append(Directive(section, key, value, number, raw.strip()))
+        order = sum(map(len, unit.sections.values()))
+        unit.sections[section].append(Directive(section, key, value, number, raw.strip(), order=order))
     return unit
 
 
-def parse_unit(path: str | os.PathLike[str]) -> UnitFile:
-    """Reads and parses a unit file; a missing or unreadable file is a UnitError."""
+def dropin_files(unit_path: Path) -> list[Path]:
+    """The drop-ins systemd reads for the unit at `unit_path`, in the order it applies them (see the module doc)."""
+    name = unit_path.name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        return []
+    # Least specific first: `service.d`, then each dash prefix (`quantlab-.service.d`), then the unit's own.
+    parts = stem.split("-")
+    folders = [f"{suffix}.d"] + [f"{'-'.join(parts[:n])}-.{suffix}.d" for n in range(1, len(parts))] + [f"{name}.d"]
+    chosen: dict[str, Path] = {}
+    for folder in folders:
+        directory = unit_path.parent / folder
+        if directory.is_dir():
+            for conf in directory.glob("*.conf"):
+                if conf.is_file():
+                    chosen[conf.name] = conf  # a more specific folder's file of the same name wins
+    return [chosen[file_name] for file_name in sorted(chosen)]
+
+
+def _with_dropin(unit: UnitFile, dropin: UnitFile, origin: str) -> None:
+    """Appends the drop-in's directives after everything read so far (systemd's override order)."""
+    order = sum(map(len, unit.sections.values()))
+    for directive in dropin.directives():
+        unit.sections.setdefault(directive.section, []).append(replace(directive, origin=origin, order=order))
+        order += 1
+    for section in dropin.sections:
+        unit.sections.setdefault(section, [])
+    unit.unresolved_specifiers.extend(dropin.unresolved_specifiers)
+
+
+def parse_unit(path: str | os.PathLike[str], *, dropins: bool = True) -> UnitFile:
+    """Reads and parses a unit file and (unless `dropins` is False) its drop-ins; a missing or unreadable file is a
+    UnitError naming it."""
     unit_path = Path(path)
+    unit = parse_unit_text(_read(unit_path, "unit file"), unit_path.name, unit_path)
+    for conf in dropin_files(unit_path) if dropins else []:
+        unit.dropins.append(conf)
+        origin = f"{conf.parent.name}/{conf.name}"
+        _with_dropin(unit, parse_unit_text(_read(conf, "drop-in"), unit_path.name, conf), origin)
+    return unit
+
+
+def _read(path: Path, what: str) -> str:
     try:
-        text = unit_path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UnitError(f"{unit_path}: the unit file does not exist. Check the path (unit files are looked up "
+        raise UnitError(f"{path}: the {what} does not exist. Check the path (unit files are looked up "
                         f"relative to the QuantLab checkout) or create the unit.") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UnitError(f"{unit_path}: the unit file cannot be read ({exc}). Fix its permissions or encoding "
+        raise UnitError(f"{path}: the {what} cannot be read ({exc}). Fix its permissions or encoding "
                         f"(unit files are UTF-8 text).") from None
-    return parse_unit_text(text, unit_path.name, unit_path)
