@@ -31,7 +31,9 @@ REPORT_COPIES = PROJECT / "reports" / "real-target"
 
 EXPECTED_OUTCOMES = ("pass", "fail", "drift", "blocked")
 ITEM_KEYS = {"outcome", "phrase", "why"}
-TOP_KEYS = {"archive", "notes", "items"}
+TOP_KEYS = {"archive", "notes", "items", "remedy"}
+REMEDY_KEYS = {"verification", "why"}
+VERIFICATIONS = ("verified", "not verified", "not applicable")
 PREPARE_TIMEOUT_S = 1800.0  # unpacking plus npm ci in each folder of the checkout (each one has 900 s)
 RUN_TIMEOUT_S = 900.0
 STOP_GRACE_S = 30.0
@@ -110,6 +112,38 @@ def validate_expectations(data: Any, where: str, archive_file: str | None = None
             raise bad(f"item {item!r} needs a string of words as 'phrase' (\"\" when its message may be empty)")
         if not isinstance(expected["why"], str) or not expected["why"].strip():
             raise bad(f"item {item!r} needs a non-empty string as 'why'")
+    remedy = data.get("remedy", {})
+    if not isinstance(remedy, dict):
+        raise bad('"remedy" must be an object mapping each proposal id to {"verification", "why"}')
+    for proposal, expected in remedy.items():
+        if not isinstance(expected, dict) or set(expected) != REMEDY_KEYS:
+            raise bad(f"remedy proposal {proposal!r} must be an object with exactly {sorted(REMEDY_KEYS)}")
+        if expected["verification"] not in VERIFICATIONS:
+            raise bad(f"remedy proposal {proposal!r} expects {expected['verification']!r}, which is not one of "
+                      f"{', '.join(VERIFICATIONS)}")
+        if not isinstance(expected["why"], str) or not expected["why"].strip():
+            raise bad(f"remedy proposal {proposal!r} needs a non-empty string as 'why'")
+
+
+def compare_remedy(expected: dict[str, Any], remedy: dict[str, Any]) -> list[Difference]:
+    """Every difference between the expected proposals and their verifications and `remedy --verify`'s remedy.json:
+    a proposal missing, one not expected, another verification, or one without its reason."""
+    want = expected.get("remedy", {})
+    got = {p["id"]: p for p in remedy.get("proposals", [])}
+    differences = []
+    for proposal, expectation in want.items():
+        found = got.get(proposal)
+        if found is None:
+            differences.append(Difference(proposal, "proposal missing from remedy.json", expectation["verification"]))
+            continue
+        status, why = found["verification"]["status"], found["verification"]["why"]
+        if status != expectation["verification"] or not why.strip():
+            differences.append(Difference(proposal, "verification differs" if why.strip() else "no reason given",
+                                          expectation["verification"], "", status, why))
+    differences += [Difference(proposal, "proposal not in the expectations file", "", "",
+                               got[proposal]["verification"]["status"], got[proposal]["title"])
+                    for proposal in got if proposal not in want]
+    return differences
 
 
 def compare(expected: dict[str, Any], summary: dict[str, Any]) -> list[Difference]:
@@ -246,6 +280,13 @@ def chaos_run(root: Path, reports: Path, log_dir: Path) -> Finished:
     return run_with_deadline(argv, RUN_TIMEOUT_S, log_dir)
 
 
+def remedy_verify(root: Path, reports: Path, log_dir: Path) -> Finished:
+    """`quantlab-chaos remedy --from REPORTS --verify` on the checkout the run was against."""
+    argv = [sys.executable, "-m", "harness.cli", "remedy", "--quantlab-root", str(root), "--from", str(reports),
+            "--verify", "-n", "2"]
+    return run_with_deadline(argv, RUN_TIMEOUT_S, log_dir)
+
+
 def report_copy_dir(archive: Path) -> Path:
     """reports/real-target/, or a folder per archive there when ../shared/targets/ holds several."""
     return REPORT_COPIES if len(archives()) <= 1 else REPORT_COPIES / archive_name(archive)
@@ -255,8 +296,9 @@ def keep_reports(reports: Path, archive: Path) -> Path:
     """Copies the run's summary.json and summary.md where a person finds them after `make test`."""
     dest = report_copy_dir(archive)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("summary.json", "summary.md"):
+    for name in ("summary.json", "summary.md", "remedy/REMEDY.md", "remedy/remedy.json", "remedy/runbook.patch"):
         (dest / name).unlink(missing_ok=True)
         if (reports / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(reports / name, dest / name)
     return dest

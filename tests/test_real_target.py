@@ -7,7 +7,9 @@ compares summary.json with tests/expectations/<snapshot>.json; deselect it with 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,13 @@ from tests.real_target import (
     archives,
     chaos_run,
     compare,
+    compare_remedy,
     expectations_path,
     format_differences,
     keep_reports,
     load_expectations,
     prepare,
+    remedy_verify,
     summary_table,
 )
 from tests.test_annotated_report import assert_page_shows, screenshot
@@ -164,6 +168,38 @@ def test_expectations_that_are_not_json_are_refused(tmp_path: Path) -> None:
         load_expectations(path)
 
 
+def _remedy(*proposals: tuple[str, str, str]) -> dict[str, Any]:
+    return {"proposals": [{"id": pid, "title": pid, "verification": {"status": status, "why": why}}
+                          for pid, status, why in proposals]}
+
+
+def test_the_remedy_is_compared_proposal_by_proposal() -> None:
+    expected = {**EXPECTED, "remedy": {"dropin:a.service": {"verification": "verified", "why": "demo"},
+                                       "runbook:port:1->2": {"verification": "not verified", "why": "demo"}}}
+    assert compare_remedy(expected, _remedy(("dropin:a.service", "verified", "it holds"),
+                                            ("runbook:port:1->2", "not verified", "404 there"))) == []
+    got = problems(compare_remedy(expected, _remedy(("dropin:a.service", "not applicable", "blocked"),
+                                                    ("runbook:code:X->Y", "verified", "ok"))))
+    assert got == {"dropin:a.service": "verification differs", "runbook:port:1->2": "proposal missing from remedy.json",
+                   "runbook:code:X->Y": "proposal not in the expectations file"}
+    assert problems(compare_remedy(expected, _remedy(("dropin:a.service", "verified", " "),
+                                                     ("runbook:port:1->2", "not verified", "x")))) == {
+        "dropin:a.service": "no reason given"}
+
+
+@pytest.mark.parametrize(("remedy", "complaint"), [
+    ([], '"remedy" must be an object'),
+    ({"dropin:a": {"verification": "verified"}}, "must be an object with exactly ['verification', 'why']"),
+    ({"dropin:a": {"verification": "not run", "why": "x"}}, "expects 'not run', which is not one of"),
+    ({"dropin:a": {"verification": "verified", "why": ""}}, "needs a non-empty string as 'why'"),
+])
+def test_a_malformed_remedy_expectation_is_refused(tmp_path: Path, remedy: Any, complaint: str) -> None:
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps({**EXPECTED, "remedy": remedy}))
+    with pytest.raises(ExpectationsError, match=re.escape(complaint)):
+        load_expectations(path, "demo.tar.gz")
+
+
 @pytest.mark.parametrize("path", sorted(EXPECTATIONS_DIR.glob("*.json")), ids=lambda p: p.stem)
 def test_every_expectations_file_is_well_formed_and_covers_the_runbook(path: Path) -> None:
     data = load_expectations(path, f"{path.stem}.tar.gz")
@@ -203,4 +239,31 @@ def test_real_target_run(archive: Path | None, tmp_path: Path) -> None:
         title = f"the harness's verdicts on {archive.name} against {shown}"
         pytest.fail(format_differences(differences, title)
                     + f"\n(the run's summary.json and summary.md are in {kept.relative_to(PROJECT)}/)", pytrace=False)
+    check_remedy(root, reports, tmp_path, archive, expected)
+
+
+def check_remedy(root: Path, reports: Path, tmp_path: Path, archive: Path, expected: dict[str, Any]) -> None:
+    """`remedy --from REPORTS --verify` on the snapshot: each proposal verified or not as the expectations say, with
+    its reason; the runbook patch applies with GNU patch to a copy of the runbook; the checkout is left as it was."""
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*.service*") if "node_modules" not in p.parts)
+    verifying = remedy_verify(root, reports, tmp_path / "remedy")
+    keep_reports(reports, archive)
+    remedy_json = reports / "remedy" / "remedy.json"
+    assert verifying.code is not None, f"remedy --verify did not end in {RUN_TIMEOUT_S:.0f} s:\n{verifying.tail()}"
+    assert remedy_json.is_file(), f"remedy --verify wrote no remedy.json (exit {verifying.code}):\n{verifying.tail()}"
+    assert verifying.code in (0, 1), f"remedy --verify failed (exit {verifying.code}):\n{verifying.tail()}"
+    remedy = json.loads(remedy_json.read_text())
+    differences = compare_remedy(expected, remedy)
+    if differences:
+        pytest.fail(format_differences(differences, f"the remedy's verifications on {archive.name}"), pytrace=False)
+    patch_file = reports / "remedy" / "runbook.patch"
+    if patch_file.is_file() and shutil.which("patch"):
+        runbook_copy = tmp_path / "runbook.md"
+        shutil.copy(root / "docs" / "runbook.md", runbook_copy)
+        done = subprocess.run(["patch", "--batch", str(runbook_copy), str(patch_file)], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0, f"runbook.patch does not apply with patch: {done.stdout}{done.stderr}"
+    after = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*.service*") if "node_modules" not in p.parts)
+    assert after == before, "remedy --verify wrote into the checkout's units"
+    assert "## Remedy" in (reports / "summary.md").read_text()
 

@@ -30,10 +30,9 @@ from quantlab_chaos.runbook import HttpRequest, Runbook
 Row = Mapping[str, Any]
 RENAMED_KINDS = ("unit-file", "unit", "script", "code", "env")
 CLOSE_ENOUGH = 0.8  # difflib ratio for "the checkout has it under this name" (CORE_LIVE_WS_DISABLED ~ LIVE_WS_DISABLED)
+CLEARLY_CLOSER = 0.05  # how much closer the best name must be than the next one
 MAX_EVIDENCE = 6
 IDENTIFIER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
-ENV_READ = re.compile(r"""(?:process\.env(?:\.|\[\s*['"])|getenv\(\s*['"]|environ(?:\.get\(\s*|\[\s*)['"])"""
-                      r"""([A-Z_][A-Z0-9_]*)""")
 NOT_SOURCE = {"node_modules", ".git", "dist", "coverage"}
 
 WHY_SAFETY = ("The Safety Defaults are the operators' policy for every service unit, so the unit is what is wrong, "
@@ -164,8 +163,9 @@ class _Checkout:
         if kind == "script":
             return [str(p.relative_to(self.target.root)) for p in self.target.root.rglob(Path(name).name)
                     if p.is_file() and not NOT_SOURCE & set(p.relative_to(self.target.root).parts)]
-        pattern = ENV_READ if kind == "env" else IDENTIFIER
-        return sorted({found for text in self.source.files.values() for found in pattern.findall(text)})
+        # Codes and env names alike: the checkout's upper-case identifiers (the drift check, too, counts a mention
+        # as a read: code reads env through helpers as often as through process.env).
+        return sorted({found for text in self.source.files.values() for found in IDENTIFIER.findall(text)})
 
     def first_use(self, text: str) -> str:
         """`file line N` of the first source line that has `text`."""
@@ -199,13 +199,24 @@ def _renamed(kind: str, old: str, have: str, checkout: _Checkout) -> tuple[str, 
     if kind == "script":
         found = checkout.candidates(kind, old)
         return (found[0], f"{found[0]}: the only file named {Path(old).name} in the checkout") if len(found) == 1 else ("", "")
-    close = difflib.get_close_matches(old, [c for c in checkout.candidates(kind, old) if c != old], n=2, cutoff=CLOSE_ENOUGH)
-    if len(close) != 1:
-        return "", ""  # nothing close, or two equally plausible names: not for the harness to pick
+    close = _closest(old, [c for c in checkout.candidates(kind, old) if c != old])
+    if not close:
+        return "", ""
     if kind == "unit":
         return close[0], f"{checkout.target.units[close[0]].relative_to(checkout.target.root)}: the unit file is there"
     what = "reads" if kind == "env" else "has"
     return close[0], f"{checkout.first_use(close[0])} {what} {close[0]}"
+
+
+def _closest(name: str, candidates: Sequence[str]) -> list[str]:
+    """The one candidate close enough to `name` and clearly closer than any other (CORE_LIVE_WS_DISABLD:
+    CORE_LIVE_WS_DISABLED, not CORE_LIVE_WS_ENABLED); none when two are about as plausible: not the harness's pick."""
+    scored = sorted(((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True)
+    if not scored or scored[0][0] < CLOSE_ENOUGH:
+        return []
+    if len(scored) > 1 and scored[0][0] - scored[1][0] < CLEARLY_CLOSER:
+        return []
+    return [scored[0][1]]
 
 
 # -- what gets no proposal --------------------------------------------------------------------------------------------

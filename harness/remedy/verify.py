@@ -121,19 +121,25 @@ def _judge(proposal: Proposal, rows: Mapping[str, Row], earlier: Mapping[str, Ro
         reason = (f"{first['id']} is {first.get('outcome')}: {one_sentence(str(first.get('message')), 300)}" if first
                   else "the rerun has none of its items")
         return Verification(NOT_APPLICABLE, f"the rerun could not judge it: {reason}")
-    return Verification(VERIFIED, _verified_why(proposal, judged, unjudged, rows))
+    return Verification(VERIFIED, _verified_why(proposal, judged, unjudged, rows, earlier))
 
 
-def _verified_why(proposal: Proposal, judged: list[Row], unjudged: list[Row], rows: Mapping[str, Row]) -> str:
+def _verified_why(proposal: Proposal, judged: list[Row], unjudged: list[Row], rows: Mapping[str, Row],
+                  earlier: Mapping[str, Row]) -> str:
     parts = []
     passing = [str(row["id"]) for row in judged if row.get("outcome") == PASS]
     if passing:
         parts.append(f"{', '.join(passing)} now pass{'es' if len(passing) == 1 else ''}")
     for row in judged:
         if row.get("outcome") != PASS:
-            held = [_short(t["nodeid"]) for t in row.get("tests", []) if t.get("outcome") == PASS]
-            parts.append(f"in {row['id']}, {', '.join(held)} hold with it; {row['id']} is still {row.get('outcome')} "
-                         f"for a reason it does not touch: {one_sentence(str(row.get('message')), 200)}")
+            failed_before = {t["nodeid"] for t in (earlier.get(str(row["id"])) or {}).get("tests", [])
+                             if t.get("outcome") in (FAIL, DRIFT)}
+            held = [_short(t["nodeid"]) for t in row.get("tests", []) if t.get("outcome") == PASS
+                    and (not failed_before or t["nodeid"] in failed_before)]
+            said = "failed before and pass with it" if failed_before else "pass with it"
+            parts.append(f"in {row['id']}, {', '.join(held) or 'its checks'} {said}; {row['id']} is still "
+                         f"{row.get('outcome')} for a reason it does not touch: "
+                         f"{one_sentence(str(row.get('message')), 200)}")
     for row in unjudged:
         parts.append(f"{row['id']} could not judge its lines ({row.get('outcome')}: "
                      f"{one_sentence(str(row.get('message')), 160)})")
