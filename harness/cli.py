@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from quantlab_chaos.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from harness.systemd_analyze import UnitAnalysis
     from harness.target import Target
     from quantlab_chaos.runbook import Runbook
@@ -53,9 +55,15 @@ def _remedy(args: argparse.Namespace) -> int:
     options = {"workers": args.n, "s3_backend": args.s3_backend, "s3_url": args.s3_url,
                "toxiproxy_bin": args.toxiproxy_bin, "toxiproxy_backend": args.toxiproxy_backend}
     return remedy(quantlab_root=args.quantlab_root, runbook=args.runbook,
-                  from_dir=Path(args.from_dir).expanduser().resolve() if args.from_dir else None,
+                  from_dir=_reports_folder(Path(args.from_dir)) if args.from_dir else None,
                   out_dir=Path(args.out).expanduser().resolve() if args.out else None, verify=args.verify,
                   run_options=options, default_reports=DEFAULT_REPORTS)
+
+
+def _reports_folder(path: Path) -> Path:
+    """--from takes a reports folder or the summary.json in it."""
+    path = path.expanduser().resolve()
+    return path.parent if path.is_file() and path.name == "summary.json" else path
 
 
 def _soak(args: argparse.Namespace) -> int:

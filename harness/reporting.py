@@ -11,7 +11,9 @@ Schema of summary.json (stable, documented in reports/README.md):
             "deviations": [{"phase", "says", "seen", "line"}], "measurements"}],
  "beyond": [{"id": "beyond:hostile-exchange"|"beyond:security-probes"|"beyond:target-secrets", "title", "outcome",
              "message", "tests", "findings": [{"name", "title", "detail", "severity", "accepted": {"by", "reason"}}]}],
- "drift": [{"kind", "item", "runbook", "system", "line"}], "totals": {"pass", "fail", "drift", "blocked", "error"},
+ "drift": [{"kind", "item", "runbook", "system", "line", "subject", "want", "have", "where"}],
+ "remedy": {"source", "verified_with", "proposals": [...], "unproposed": [...]}   (harness.remedy; reports/remedy/),
+ "totals": {"pass", "fail", "drift", "blocked", "error"},
  "exit_code", "isolation",
  "security": {"tests", "probes", "findings", "failures", "ports"},
  "secrets": {"checked", "harness_leaks", "target_leaks", ...}}   (secrets: added by harness.secrets_scan)

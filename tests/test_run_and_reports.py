@@ -175,7 +175,11 @@ def test_allure_groups_follow_the_runbook_and_show_every_finding(synthetic_run: 
 
 def test_summary_md_gives_each_item_a_verdict_and_the_checks_beyond_the_runbook_rows(synthetic_run: Path) -> None:
     text = (synthetic_run / "summary.md").read_text()
-    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")}
+    items_table, _, rest = text.partition("\n## ")  # the items' table; the remedy's table further down has rows too
+    remedy = rest[rest.index("Remedy (reports/remedy/"):]
+    assert f"| {ITEM} | fail | nothing | none | not applicable | The system does not do what the runbook says" in remedy
+    assert (synthetic_run / "remedy" / "REMEDY.md").is_file()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in items_table.splitlines() if line.startswith("| ")}
     assert rows[ITEM].endswith("| 1 defect, 1 info; defect: half-written archive | the archive is half written |"), rows[ITEM]
     assert "| **fail** |" in rows[ITEM] and "assert" not in rows[ITEM]  # pytest's explanation is not a verdict
     assert rows["start-stop"].endswith("| - | as runbook line 3 says |")
@@ -221,7 +225,8 @@ def test_runbook_check_names_an_edited_symptom_code(tmp_path: Path) -> None:
     assert done.returncode == 1
     drift = [d for d in json.loads(done.stdout)["drift"] if d["kind"] == "code"]
     assert drift == [{"kind": "code", "item": ITEM, "runbook": "LIVE_WS_IS_OFF",
-                      "system": "no source file of the target mentions this code", "line": drift[0]["line"]}]
+                      "system": "no source file of the target mentions this code", "line": drift[0]["line"],
+                      "subject": "LIVE_WS_IS_OFF", "want": "LIVE_WS_IS_OFF", "have": "", "where": ""}]
 
 
 def test_runbook_check_reports_unit_drift_of_a_real_quantlab_layout(tmp_path: Path) -> None:
