@@ -41,7 +41,7 @@ def remedy(*, quantlab_root: str | None, runbook: str | None, from_dir: Path | N
     code = 0
     if verify and found.proposals:
         code = _verify(found, target, out, rows, run_options)
-        report.write(out, found, rows)
+        report.write(out, found, rows, keep_verify=True)
     _render(found, summary, from_dir, out, model.path)
     _print(found, out, verify)
     return code
@@ -50,7 +50,7 @@ def remedy(*, quantlab_root: str | None, runbook: str | None, from_dir: Path | N
 def _verify(found: Remedy, target: Target, out: Path, rows: list[dict[str, Any]] | None,
             run_options: Mapping[str, Any]) -> int:
     code, after = rerun(found, target, out, run_options)
-    found.verified_with = str(out / "verify" / "reports")
+    found.verified_with = str(out / report.VERIFY_DIR / "reports")
     if after is None:
         not_run(found, f"the rerun wrote no summary (exit {code}): the harness failed; see its output above")
         return EXIT_CODES[ERROR]

@@ -17,6 +17,7 @@ from harness.remedy.runbook_patch import unified_diff
 
 REMEDY_DIR = "remedy"
 REMEDY_MD, REMEDY_JSON, PATCH_FILE, SYSTEMD_DIR = "REMEDY.md", "remedy.json", "runbook.patch", "systemd"
+VERIFY_DIR = "verify"
 
 
 def runbook_label(remedy: Remedy) -> str:
@@ -25,9 +26,13 @@ def runbook_label(remedy: Remedy) -> str:
     return str(runbook.relative_to(root)) if runbook.is_relative_to(root) else runbook.name
 
 
-def write(out_dir: Path, remedy: Remedy, rows: Sequence[Mapping[str, Any]] | None = None) -> Path:
-    """Writes the remedy folder `out_dir` (reports/remedy) and returns it."""
+def write(out_dir: Path, remedy: Remedy, rows: Sequence[Mapping[str, Any]] | None = None, *,
+          keep_verify: bool = False) -> Path:
+    """Writes the remedy folder `out_dir` (reports/remedy) and returns it; an earlier verification's `verify/` is
+    removed unless `keep_verify` (the remedy being written is the one it verified)."""
     shutil.rmtree(out_dir / SYSTEMD_DIR, ignore_errors=True)
+    if not keep_verify:
+        shutil.rmtree(out_dir / VERIFY_DIR, ignore_errors=True)
     for name in (REMEDY_MD, REMEDY_JSON, PATCH_FILE):
         (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)

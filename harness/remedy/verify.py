@@ -31,6 +31,7 @@ from harness.remedy.model import (
     Remedy,
     Verification,
 )
+from harness.remedy.report import VERIFY_DIR
 from harness.remedy.runbook_patch import apply_edits, apply_patch
 from harness.target import Target
 
@@ -61,7 +62,7 @@ def prepare(remedy: Remedy, target: Target, out_dir: Path, scratch: Path) -> tup
     for proposal in remedy.by_change(SYSTEM):
         assert proposal.dropin is not None
         dropins.install(proposal.dropin, (out_dir / "systemd" / proposal.dropin.relative).read_text(), checkout)
-    runbook_copy = out_dir / "verify" / "runbook.md"
+    runbook_copy = out_dir / VERIFY_DIR / "runbook.md"
     runbook_copy.parent.mkdir(parents=True, exist_ok=True)
     original = Path(remedy.runbook).read_text(encoding="utf-8")
     runbook_copy.write_text(original, encoding="utf-8")
@@ -175,7 +176,7 @@ def rerun(remedy: Remedy, target: Target, out_dir: Path, run_options: Mapping[st
     from harness.run import run
 
     items = list(dict.fromkeys(item for proposal in remedy.proposals for item in proposal.rerun))
-    reports = out_dir / "verify" / "reports"
+    reports = out_dir / VERIFY_DIR / "reports"
     with tempfile.TemporaryDirectory(prefix="quantlab-remedy-") as scratch:
         checkout, runbook_copy, how = prepare(remedy, target, out_dir, Path(scratch))
         print(f"quantlab-chaos remedy: rerunning {', '.join(items)} on a copy of the checkout with "
