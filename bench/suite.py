@@ -1,5 +1,7 @@
 """Part 4 (opt-in, takes minutes): the whole chaos suite against the twin, serial versus `-n 2`, and versus the
-waits the scenarios need by nature (run lengths, restart delays: summary.json's timing.inherent_wait_s).
+waits the scenarios need by nature (run lengths, restart delays: summary.json's timing.inherent_wait_s); then the
+worker count `run` chooses (harness.schedule) and two shards run one after the other and merged, each wall time
+against the longest scenario and against the sum of the scenarios' times (from the run's durations.json).
 
 Both runs are `quantlab-chaos run` with their own reports folder, one after the other, in one bench run, so the
 ratios compare like with like on whatever the machine is doing. Whatever scenarios exist are run; a failing
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Goal, PartResult, fmt, ratio, say
+from harness import schedule
 
 SPEEDUP_GOAL = 1.6  # serial wall / `-n 2` wall, at least
 OVERHEAD_GOAL = 1.5  # serial wall / inherent waits, at most
@@ -57,11 +60,57 @@ def run(out_dir: Path, workers: str = "2") -> PartResult:
                       f"are inherent waits (the session's S3 and toxiproxy boots count in the first scenario's setup); the "
                       f"other {fmt(startup)} s of the wall are the bootstrap and drift checks, pytest's start-up and "
                       "collection, and writing the reports")
+    _scheduled(part, out_dir, parallel)
     if part.ratios["parallel_wall_vs_ideal"] is not None:
         part.notes.append(f"-n {workers} takes {part.ratios['parallel_wall_vs_ideal']:.2f}x a perfect split of the serial "
                           "wall: the workers share 2 cores with the services they start, and the longest scenarios "
                           "do not divide evenly")
     return part
+
+
+CHOSEN_GOAL = 1.5  # wall of the run with the chosen workers / its longest scenario, at most
+SHARD_BALANCE_GOAL = 1.2  # the longer shard's wall / the shorter's, at most
+
+
+def _scheduled(part: PartResult, out_dir: Path, parallel: dict[str, Any]) -> None:
+    """The chosen worker count and two shards merged, each against the longest scenario and the scenarios' sum."""
+    chosen = _suite(out_dir / "chosen", None)
+    say(f"chosen workers: {fmt(chosen['wall_s'])} s wall ({chosen['plan']}), {_totals(chosen)}")
+    shards = [_suite(out_dir / f"shard-{k}", None, ["--shard", f"{k}/2"]) for k in (1, 2)]
+    started = time.perf_counter()
+    merged_dir = out_dir / "merged"
+    merge = subprocess.run([str(Path(sys.executable).with_name("quantlab-chaos")), "report", "merge",
+                            *(str(out_dir / f"shard-{k}") for k in (1, 2)), "--out", str(merged_dir)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    merge_s = time.perf_counter() - started
+    merged = json.loads((merged_dir / "summary.json").read_text()) if (merged_dir / "summary.json").is_file() else {}
+    rows = [("-n " + str(parallel["workers"]), parallel["wall_s"], parallel),
+            ("chosen", chosen["wall_s"], chosen),
+            ("2 shards, one after the other, merged", sum(s["wall_s"] for s in shards) + merge_s, shards[0])]
+    longest, total = chosen["longest_s"], chosen["sum_s"]
+    for name, wall, _ in rows:
+        say(f"{name}: wall {fmt(wall)} s = {wall / longest:.2f}x the longest scenario ({fmt(longest)} s), "
+            f"{wall / total:.2f}x the scenarios' sum ({fmt(total)} s)")
+    walls = sorted(s["wall_s"] for s in shards)
+    outcomes = {row["id"]: row["outcome"] for row in merged.get("items", [])}
+    whole = chosen["outcomes"]
+    differing = sorted(item for item in set(outcomes) | set(whole) if outcomes.get(item) != whole.get(item))
+    part.raw.update({"chosen": chosen, "shards": shards, "merge_s": merge_s, "merge_exit": merge.returncode,
+                     "merged_vs_chosen_differing_items": differing})
+    part.ratios.update({
+        "n2_wall_vs_longest": ratio(parallel["wall_s"], longest), "n2_wall_vs_sum": ratio(parallel["wall_s"], total),
+        "chosen_wall_vs_longest": ratio(chosen["wall_s"], longest), "chosen_wall_vs_sum": ratio(chosen["wall_s"], total),
+        "shards_wall_vs_longest": ratio(rows[2][1], longest), "shards_wall_vs_sum": ratio(rows[2][1], total),
+        "shard_balance": ratio(walls[1], walls[0]),
+    })
+    part.goals += [
+        Goal("suite.chosen_wall_vs_longest", "chosen workers' wall / longest scenario", part.ratios["chosen_wall_vs_longest"],
+             CHOSEN_GOAL, "x", "max"),
+        Goal("suite.shard_balance", "longer shard's wall / shorter's", part.ratios["shard_balance"], SHARD_BALANCE_GOAL,
+             "x", "max"),
+    ]
+    part.notes.append(f"2 shards merged vs one run with the chosen workers: {len(differing)} item(s) differ"
+                      + (f" ({', '.join(differing)})" if differing else ""))
 
 
 def _totals(result: dict[str, Any]) -> str:
@@ -70,12 +119,12 @@ def _totals(result: dict[str, Any]) -> str:
             f"{totals.get('skip', 0)} skip, inherent waits {fmt(result['inherent_wait_s'])} s")
 
 
-def _suite(reports: Path, workers: str) -> dict[str, Any]:
-    """One `quantlab-chaos run -n WORKERS --reports REPORTS`, timed; its output goes to REPORTS/run.log."""
+def _suite(reports: Path, workers: str | None, extra: list[str] | None = None) -> dict[str, Any]:
+    """One `quantlab-chaos run [-n WORKERS] --reports REPORTS`, timed; its output goes to <REPORTS>.log."""
     cli = Path(sys.executable).with_name("quantlab-chaos")
-    argv = [str(cli), "run", "-n", workers, "--reports", str(reports)]
+    argv = [str(cli), "run", *(["-n", workers] if workers is not None else []), "--reports", str(reports), *(extra or [])]
     reports.mkdir(parents=True, exist_ok=True)
-    log_path = reports.parent / f"run-n{workers}.log"
+    log_path = reports.parent / f"run-{reports.name}.log"
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,7 +145,12 @@ def _suite(reports: Path, workers: str) -> dict[str, Any]:
         raise RuntimeError(f"quantlab-chaos run -n {workers} wrote no summary.json (exit {code}); its output ends:\n{tail}")
     summary = json.loads(summary_path.read_text())
     timing = summary.get("timing", {})
+    walls = [t.wall_s for t in schedule.load(reports / schedule.DURATIONS_JSON).values()]
+    plan = next((line.removeprefix("quantlab-chaos: ") for line in log_path.read_text(errors="replace").splitlines()
+                 if "workers:" in line), "")
     return {
+        "workers": workers, "plan": plan, "longest_s": max(walls, default=0.0), "sum_s": sum(walls),
+        "outcomes": {row["id"]: row["outcome"] for row in summary.get("items", [])},
         "argv": argv[1:], "exit_code": code, "wall_s": wall, "pytest_duration_s": summary.get("duration_s"),
         "scenario_time_s": timing.get("scenario_time_s"), "inherent_wait_s": timing.get("inherent_wait_s") or 0.0,
         "tests": sum(len(row.get("tests", [])) for row in summary.get("items", [])),

@@ -43,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
     return run(quantlab_root=args.quantlab_root, runbook=args.runbook, workers=args.n, only=args.only or [],
                s3_backend=args.s3_backend, s3_url=args.s3_url, toxiproxy_bin=args.toxiproxy_bin, html=args.html,
                reports_dir=Path(args.reports) if args.reports else None, pytest_args=args.pytest_args or [],
-               toxiproxy_backend=args.toxiproxy_backend)
+               toxiproxy_backend=args.toxiproxy_backend, shard=args.shard,
+               durations=Path(args.durations).expanduser().resolve() if args.durations else None)
 
 
 def _remedy(args: argparse.Namespace) -> int:
@@ -64,6 +65,15 @@ def _reports_folder(path: Path) -> Path:
     """--from takes a reports folder or the summary.json in it."""
     path = path.expanduser().resolve()
     return path.parent if path.is_file() and path.name == "summary.json" else path
+
+
+def _report_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.merge import merge_reports
+
+    return merge_reports([Path(d).expanduser().resolve() for d in args.dirs], Path(args.out).expanduser().resolve(),
+                         html=args.html)
 
 
 def _soak(args: argparse.Namespace) -> int:
@@ -188,7 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 every item passed; 1 any item is fail, drift or blocked; 3 any is error (the harness's "
                "own failure); 2 bad input. Reports: summary.md, summary.json, junit.xml, allure-results/.")
     _add_target_options(main_job)
-    main_job.add_argument("-n", default="auto", help="parallel workers (pytest-xdist; default auto, 0 for serial)")
+    main_job.add_argument("-n", default=None, help="parallel workers (pytest-xdist; 0 for serial, auto for one per "
+                                                    "core); default: what this machine can carry for the scenarios, "
+                                                    "from their recorded time, CPU and memory (durations.json)")
+    main_job.add_argument("--shard", metavar="K/N", help="run only the K-th of N duration-balanced shards (every "
+                                                        "scenario in exactly one; merge with `report merge`)")
+    main_job.add_argument("--durations", metavar="FILE",
+                          help="durations.json to order and shard by (default: the reports folder's from the run "
+                               "before, else the baseline shipped with the scenarios; shards: the baseline)")
     main_job.add_argument("--only", action="append", metavar="ITEM", help="only this runbook item (repeatable)")
     main_job.add_argument("--s3-backend", default="moto", choices=("moto", "minio", "url"))
     main_job.add_argument("--s3-url", help="S3 endpoint for --s3-backend url")
@@ -229,13 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     soak_job.add_argument("--cpu-pressure", action="store_true", help="one busy loop per core during the whole soak")
     soak_job.add_argument("--only", action="append", metavar="ITEM", help="only this runbook item (repeatable)")
     soak_job.add_argument("--reports", help="folder for soak.json, soak.md and soak/run-NN/ (default: reports/)")
-    soak_job.add_argument("-n", default="auto", help="parallel workers per run (default auto)")
+    soak_job.add_argument("-n", default=None, help="parallel workers per run (default: as `run` chooses)")
     soak_job.add_argument("--s3-backend", choices=("moto", "minio", "url"), help="passed on to every run")
     soak_job.add_argument("--toxiproxy-backend", choices=("binary", "container"), help="passed on to every run")
     soak_job.add_argument("--run-timeout", type=float, default=1200.0, help="deadline of one run in seconds (default 1200)")
     soak_job.add_argument("--run-arg", dest="run_args", action="append", metavar="ARG",
                           help="extra argument for every 'quantlab-chaos run' (repeatable; write --run-arg=--flag)")
     soak_job.set_defaults(handler=_soak)
+
+    reports = commands.add_parser("report", help="work on reports: merge the shards of a run")
+    report_commands = reports.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    merge = report_commands.add_parser(
+        "merge", help="merge the reports of shards (`run --shard K/N`) into one set",
+        description="Merges the reports folders of a run's shards into one: summary.json and summary.md with every "
+                    "item's outcome computed over all shards, junit.xml, allure-results/, runbook.html, the remedy "
+                    "and durations.json. An item whose scenarios were split across shards gets its outcome here.",
+        epilog="Exit codes: as `run` over the merged items (0 all pass, 1 fail/drift/blocked, 3 error); 2 bad input "
+               "(a folder without summary.json, shards of different targets or runbooks).")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="each shard's reports folder")
+    merge.add_argument("--out", required=True, help="the merged reports folder")
+    merge.add_argument("--html", action="store_true", help="also render the merged allure report as HTML")
+    merge.set_defaults(handler=_report_merge)
 
     fake = commands.add_parser("fake-binance", help="serve fake Binance USDⓈ-M futures market streams")
     fake.add_argument("--host", default="127.0.0.1")

@@ -76,22 +76,36 @@ class SourceIndex:
 
 def scenario_items(scenarios_dir: Path = SCENARIOS_DIR) -> dict[str, list[str]]:
     """Runbook item -> scenario test ids, from the `runbook` markers (collected by pytest itself)."""
+    items: dict[str, list[str]] = {}
+    for nodeid, item in collect_scenarios(scenarios_dir):
+        if item is not None:
+            items.setdefault(item, []).append(nodeid)
+    return items
+
+
+def collect_scenarios(scenarios_dir: Path = SCENARIOS_DIR) -> list[tuple[str, str | None]]:
+    """Every scenario's test id with the runbook item it proves (None for the checks beyond the runbook), in
+    collection order, as pytest itself collects them."""
     import pytest
 
     class Collector:
         def __init__(self) -> None:
-            self.items: dict[str, list[str]] = {}
+            self.items: list[tuple[str, str | None]] = []
 
         def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
             for item in items:
-                for marker in item.iter_markers("runbook"):
-                    if marker.args:
-                        self.items.setdefault(str(marker.args[0]), []).append(item.nodeid)
+                marker = item.get_closest_marker("runbook")
+                self.items.append((item.nodeid, str(marker.args[0]) if marker and marker.args else None))
 
     collector = Collector()
     with contextlib.redirect_stdout(io.StringIO()) as output:
-        code = pytest.main(["--collect-only", "-qq", "-p", "no:cacheprovider", "-p", "no:xdist",
-                            "-W", "ignore::pytest.PytestAssertRewriteWarning", str(scenarios_dir)], plugins=[collector])
+        # The rootdir fixed, so the test ids do not depend on the working folder: for the shipped scenarios the
+        # project, as `quantlab-chaos run` has it (the ids are the run's); for another folder, that folder.
+        shipped = scenarios_dir.resolve() == SCENARIOS_DIR.resolve()
+        rootdir = SCENARIOS_DIR.parents[1] if shipped else scenarios_dir
+        code = pytest.main(["--collect-only", "-qq", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir",
+                            str(rootdir), "-W", "ignore::pytest.PytestAssertRewriteWarning", str(scenarios_dir)],
+                           plugins=[collector])
     if code not in (0, 5):
         raise RuntimeError(f"collecting the scenarios in {scenarios_dir} failed (pytest exit {code}): "
                            f"{output.getvalue()[-500:]}")

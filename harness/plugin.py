@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import resource
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import asdict, replace
@@ -16,10 +17,11 @@ from typing import Any, TypeVar
 
 import allure
 import pluggy
+import psutil
 import pytest
 from allure_commons.model2 import StatusDetails, TestResult
 
-from harness import reaper
+from harness import reaper, schedule
 from harness.cli import restore_default_sigint
 from harness.environment import QuantLabEnvironment, Settings
 from harness.fakes.binance import FakeBinance
@@ -52,6 +54,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 TEARDOWN_NAME = "__allure_teardown_name__"
 HIDDEN_FINALIZER = "_quantlab_hidden_finalizer"
 FINDINGS = pytest.StashKey[list[Mapping[str, Any]]]()
+COST_START = pytest.StashKey[float]()
+COST_RSS = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only scenarios proving this runbook item (repeatable)")
     group.addoption("--runbook-report", metavar="DIR", help="write summary.json and summary.md per runbook item into DIR")
     group.addoption("--runbook-drift", metavar="FILE", help="drift found before the run (JSON list), for the summary")
+    group.addoption("--scenario-durations", metavar="FILE",
+                    help="durations.json of an earlier run: scenarios run longest first, and --shard balances by it")
+    group.addoption("--shard", metavar="K/N", help="run only the K-th of N duration-balanced shards of the scenarios")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -80,6 +87,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "against the live run")
     config.addinivalue_line("markers", "security: a security probe of the target (reported in summary.json's security block)")
     register_secrets_guard(config)  # every process: workers hand their secrets over, the controller scans
+    if _runs_tests(config):
+        config.pluginmanager.register(CostMeter(), "quantlab-cost-meter")
     _isolate(config)
     # Every process: what inherits this environment (xdist workers, tools a test starts) dies with it, even on SIGKILL.
     reaper.mark_environment()
@@ -120,6 +129,7 @@ def _register_report(config: pytest.Config, out_dir: Path) -> None:
     report = RunbookReport(out_dir, runbook, target.root, drift, Path(allure_dir) if allure_dir else None,
                            config.getoption("runbook_item"), accepted)
     report.isolation = run_isolation(config.getoption("s3_backend"), config.getoption("toxiproxy_backend"))
+    report.shard = config.getoption("shard")
     config.pluginmanager.register(report, "runbook-report")
 
 
@@ -141,9 +151,79 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.user_properties.append(("runbook_item", item_id))
         _group_beyond(item)
         (selected if not wanted or item_id in wanted else deselected).append(item)
+    selected, more = _scheduled(config, selected)
+    deselected += more
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
+    items[:] = selected
+
+
+def _scheduled(config: pytest.Config, items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    """The items longest first by the durations file, and of those the chosen shard's (harness.schedule); every
+    process (each xdist worker) computes the same order from the same file."""
+    path, shard = config.getoption("scenario_durations"), config.getoption("shard")
+    if not path and not shard:
+        return items, []
+    try:
+        timings = schedule.load(Path(path)) if path else {}
+        by_id = {item.nodeid: item for item in items}
+        order = schedule.longest_first(list(by_id), timings)
+        other: list[str] = []
+        if shard:
+            k, n = schedule.parse_shard(shard)
+            mine = set(schedule.shards(list(by_id), timings, n)[k - 1])
+            order, other = [i for i in order if i in mine], [i for i in order if i not in mine]
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    return [by_id[i] for i in schedule.paired(order, workers)], [by_id[i] for i in other]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under xdist's load distribution with a durations file: DurationScheduling (the scenarios longest first, each
+    of the longest paired with a short one)."""
+    if config.getvalue("dist") != "load" or not config.getoption("scenario_durations"):
+        return None
+    from harness.xdist_schedule import DurationScheduling
+
+    return DurationScheduling(config, log)
+
+
+class CostMeter:
+    """What each scenario costs, for harness.schedule: the CPU time of its test process and of what that process
+    reaps (its services, once torn down), from setup to the end of teardown, and the memory of the process tree while
+    its body ran; recorded in the teardown report (`cost` user property)."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
+        item.stash[COST_START] = _cpu_seconds()
+        yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
+        yield
+        start = item.stash.get(COST_START, None)
+        if start is not None:
+            item.user_properties.append(("cost", json.dumps({"cpu_s": round(_cpu_seconds() - start, 3),
+                                                              "rss_bytes": item.stash.get(COST_RSS, 0)})))
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _tree_rss() -> int:
+    """The memory of this test process and everything it runs now (its environment's services, fakes, proxies)."""
+    me = psutil.Process()
+    total = 0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def _group_beyond(item: pytest.Item) -> None:
@@ -342,6 +422,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """After the test body (passed or not), while its allure result is open: attach the environment's evidence."""
     yield
+    item.stash[COST_RSS] = _tree_rss()  # while the environment still runs
     funcargs = getattr(item, "funcargs", {})
     env = funcargs.get("quantlab")
     if isinstance(env, QuantLabEnvironment):

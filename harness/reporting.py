@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from harness import schedule
 from harness.annotated import JOURNALS_JSON, write_annotated
 from harness.outcomes import DRIFT, ERROR, FAIL, OUTCOMES, PASS, SKIPPED, exit_code, one_sentence, worst
 from harness.summary_markdown import markdown, severity_rank, short_test_name
@@ -177,6 +178,9 @@ class RunbookReport:
         self.blocks: dict[str, Any] = {}  # further top-level blocks other plugins add (e.g. "secrets")
         self.isolation: str = ""  # how environments are kept apart (network namespaces or port locks)
         self.beyond_tests: dict[str, dict[str, TestOutcome]] = {}  # row id -> nodeid -> outcome
+        self.shard: str | None = None  # K/N when this run is one shard of the scenarios
+        self.walls: dict[str, float] = {}  # nodeid -> wall time of its three phases
+        self.costs: dict[str, dict[str, Any]] = {}  # nodeid -> {"cpu_s", "rss_bytes"} its process measured
 
     def set_block(self, name: str, data: Any) -> None:
         """Adds (or replaces) a top-level block of summary.json; the next write() includes it."""
@@ -184,6 +188,7 @@ class RunbookReport:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
+        self._note_cost(report, props)
         self._note_security(report, props)
         for row_id, (marker, _) in BEYOND_MARKERS.items():
             if marker in report.keywords:
@@ -198,6 +203,27 @@ class RunbookReport:
         if "inherent_wait_s" in props:
             outcome.inherent_wait_s = float(str(props["inherent_wait_s"]))
         outcome.note(report)
+
+    def _note_cost(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
+        """Every test's wall time (its three phases) and the cost its process measured (plugin.CostMeter)."""
+        self.walls[report.nodeid] = self.walls.get(report.nodeid, 0.0) + report.duration
+        if "cost" in props:
+            self.costs[report.nodeid] = json.loads(str(props["cost"]))
+
+    def timings(self) -> dict[str, schedule.Timing]:
+        return {nodeid: schedule.Timing(round(wall, 3), float(self.costs.get(nodeid, {}).get("cpu_s", 0.0)),
+                                        int(self.costs.get(nodeid, {}).get("rss_bytes", 0)))
+                for nodeid, wall in self.walls.items()}
+
+    def _save_durations(self) -> None:
+        """durations.json beside the reports: this run's timings over those of earlier runs (a run of some items
+        keeps the others'), for the next run's order, worker count and shards (harness.schedule)."""
+        path = self.out_dir / schedule.DURATIONS_JSON
+        try:
+            earlier = schedule.load(path)
+        except HarnessError:
+            earlier = {}
+        schedule.save(path, {**earlier, **self.timings()})
 
     def _note_security(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
         """Security scenarios (marker `security`) carry their probes and findings in user_properties."""
@@ -259,6 +285,8 @@ class RunbookReport:
         unknown: list[TestOutcome] = []
         for outcome in self.outcomes.values():
             (items[outcome.item].tests.append(outcome) if outcome.item in items else unknown.append(outcome))
+        if self.shard:  # an item none of whose scenarios is in this shard gets its outcome in `report merge`
+            items = {item_id: summary for item_id, summary in items.items() if summary.tests}
         for drift in self.drift:
             if drift.get("item") in items:
                 items[drift["item"]].drift.append(drift)
@@ -282,6 +310,8 @@ class RunbookReport:
                 "inherent_wait_s": round(sum(o.inherent_wait_s for o in self.outcomes.values()), 2),
             },
             "security": self.security_block(),
+            "only": sorted(self.selected),
+            "shard": self.shard,
             **self.blocks,
         }
 
@@ -296,6 +326,8 @@ class RunbookReport:
         if self.allure_dir is not None and allure_extras:
             write_allure_extras(self.allure_dir, data)
         write_annotated(self.out_dir, data, journals, self.runbook.path)
+        if self.walls:
+            self._save_durations()
         return data
 
     def remedy(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import reaper
-from harness.drift import check_drift, scenario_items
+from harness import reaper, schedule
+from harness.drift import check_drift, collect_scenarios
 from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
 from harness.outcomes import ERROR, EXIT_CODES, OUTCOMES, exit_code, one_sentence
@@ -98,9 +98,10 @@ def _run_or_explain(argv: list[str], what: str, cwd: Path | None = None, *, says
     raise MissingToolError(f"{what} failed (exit {done.returncode}); see the output above, fix it, and run again.")
 
 
-def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: Sequence[str], s3_backend: str,
+def run(*, quantlab_root: str | None, runbook: str | None, workers: str | None, only: Sequence[str], s3_backend: str,
         s3_url: str | None, toxiproxy_bin: str | None, html: bool, reports_dir: Path | None,
-        pytest_args: Sequence[str] = (), toxiproxy_backend: str | None = None) -> int:
+        pytest_args: Sequence[str] = (), toxiproxy_backend: str | None = None, shard: str | None = None,
+        durations: Path | None = None) -> int:
     target = Target.load(quantlab_root, runbook)
     target.check_units()  # a unit that cannot be booted fails here, naming its file and line, not in every scenario
     model = load_runbook(target.runbook)
@@ -119,16 +120,19 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     allure_dir = reports / "allure-results"
     _clean(reports, allure_dir)
 
-    drift = [d.to_dict() for d in check_drift(model, target, scenario_items(SCENARIOS_DIR))]
+    scenarios = collect_scenarios(SCENARIOS_DIR)
+    drift = [d.to_dict() for d in check_drift(model, target, _by_item(scenarios))]
     drift_file = reports / "drift.json"
     drift_file.write_text(json.dumps(drift, indent=2) + "\n")
+    timings_file, plan = _plan(scenarios, only, shard, durations, reports, workers)
     isolation = run_isolation(s3_backend, toxiproxy_backend)
     print(f"quantlab-chaos: target {target.root}\nquantlab-chaos: runbook {model.path} ({len(known)} items, "
           f"{len(drift)} drift finding(s))\nquantlab-chaos: isolation: {isolation}\n"
-          f"quantlab-chaos: service limits (MemoryMax=, CPUQuota=, ...): {Cgroups().describe()}", flush=True)
+          f"quantlab-chaos: service limits (MemoryMax=, CPUQuota=, ...): {Cgroups().describe()}\n"
+          f"quantlab-chaos: {plan.why}", flush=True)
 
     argv = [sys.executable, "-m", "pytest", str(SCENARIOS_DIR), "-v", "-p", "no:cacheprovider",
-            "--rootdir", str(PROJECT_ROOT), "-n", workers, "--junitxml", str(reports / "junit.xml"),
+            "--rootdir", str(PROJECT_ROOT), "-n", workers or str(plan.workers), "--junitxml", str(reports / "junit.xml"),
             "--alluredir", str(allure_dir), "--runbook-report", str(reports), "--runbook-drift", str(drift_file),
             "--quantlab-root", str(target.root), "--runbook", str(model.path), "--s3-backend", s3_backend]
     argv += ["--s3-url", s3_url] if s3_url else []
@@ -136,6 +140,8 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
     argv += ["--toxiproxy-backend", toxiproxy_backend] if toxiproxy_backend else []
     for item in only:
         argv += ["--runbook-item", item]
+    argv += ["--scenario-durations", str(timings_file)] if timings_file else []
+    argv += ["--shard", shard] if shard else []
     argv += list(pytest_args)
     code = _pytest(argv)
 
@@ -153,6 +159,41 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str, only: S
         # A leak in our own reports, or pytest itself ending badly (usage error, internal error), is the harness's.
         return EXIT_HARNESS
     return verdict
+
+
+def _by_item(scenarios: Sequence[tuple[str, str | None]]) -> dict[str, list[str]]:
+    by_item: dict[str, list[str]] = {}
+    for nodeid, item in scenarios:
+        if item is not None:
+            by_item.setdefault(item, []).append(nodeid)
+    return by_item
+
+
+def _plan(scenarios: Sequence[tuple[str, str | None]], only: Sequence[str], shard: str | None,
+          durations: Path | None, reports: Path, workers: str | None) -> tuple[Path | None, schedule.WorkerFit]:
+    """The durations file the run is ordered (and sharded) by, and its worker count with the reason.
+
+    Order: --durations, else this reports folder's durations.json from the run before, else the baseline shipped
+    with the scenarios. Shards: --durations, else the baseline only, so that every machine computes the same shards.
+    Workers: -n when given, else what the machine can carry for the scenarios to run (harness.schedule)."""
+    if durations is not None and not durations.is_file():
+        raise ConfigError(f"--durations {durations} does not exist; pass the durations.json of an earlier run's "
+                          "reports, or leave it out.")
+    local = reports / schedule.DURATIONS_JSON
+    source = durations or (schedule.BASELINE if shard else local if local.is_file() else schedule.BASELINE)
+    timings_file = source if source.is_file() else None
+    timings = schedule.load(timings_file) if timings_file else {}
+    nodeids = [nodeid for nodeid, item in scenarios if not only or item in only]
+    if shard:
+        k, n = schedule.parse_shard(shard)
+        nodeids = schedule.shards(nodeids, timings, n)[k - 1]
+    where = f"durations from {timings_file}" if timings_file else "no durations recorded"
+    if workers is not None:
+        return timings_file, schedule.WorkerFit(0, f"workers: -n {workers} as given; longest first by {where}")
+    fit = schedule.fit_workers(nodeids, timings)
+    shard_note = f"shard {shard}: {len(nodeids)} scenario(s); " if shard else ""
+    return timings_file, schedule.WorkerFit(fit.workers, f"{shard_note}workers: {fit.workers} ({fit.why}); "
+                                                         f"longest first by {where}")
 
 
 def harness_leaks(summary: dict[str, Any]) -> list[dict[str, Any]]:

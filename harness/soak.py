@@ -305,10 +305,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------- one run
 
 
-def run_argv(reports: Path, *, only: Sequence[str], workers: str, quantlab_root: str | None, runbook: str | None,
+def run_argv(reports: Path, *, only: Sequence[str], workers: str | None, quantlab_root: str | None, runbook: str | None,
              extra: Sequence[str] = ()) -> list[str]:
     """The `quantlab-chaos run` command line of one soak run."""
-    argv = [sys.executable, "-m", "harness.cli", "run", "-n", workers, "--reports", str(reports)]
+    argv = [sys.executable, "-m", "harness.cli", "run", *(["-n", workers] if workers else []), "--reports", str(reports)]
     argv += ["--quantlab-root", quantlab_root] if quantlab_root else []
     argv += ["--runbook", runbook] if runbook else []
     for item in only:
@@ -351,7 +351,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 # ------------------------------------------------------------------------------------------------- the soak
 
 
-def soak(*, runs: int, cpu_pressure_on: bool, only: Sequence[str], reports_dir: Path, workers: str = "auto",
+def soak(*, runs: int, cpu_pressure_on: bool, only: Sequence[str], reports_dir: Path, workers: str | None = None,
          quantlab_root: str | None = None, runbook: str | None = None, extra_run_args: Sequence[str] = (),
          run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S) -> int:
     """Runs the suite `runs` times; writes soak.json and soak.md; 0 when every test had one outcome and passed."""
@@ -401,7 +401,7 @@ def _refusal(log: Path) -> str:
     return lines[-1].removeprefix("quantlab-chaos:").strip() if lines else f"see {log}"
 
 
-def _one_run(number: int, total: int, runs_dir: Path, *, only: Sequence[str], workers: str, quantlab_root: str | None,
+def _one_run(number: int, total: int, runs_dir: Path, *, only: Sequence[str], workers: str | None, quantlab_root: str | None,
              runbook: str | None, extra: Sequence[str], timeout_s: float) -> RunResult:
     reports = runs_dir / f"run-{number:02d}"
     argv = run_argv(reports, only=only, workers=workers, quantlab_root=quantlab_root, runbook=runbook, extra=extra)
