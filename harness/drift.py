@@ -76,8 +76,13 @@ class SourceIndex:
 
 def scenario_items(scenarios_dir: Path = SCENARIOS_DIR) -> dict[str, list[str]]:
     """Runbook item -> scenario test ids, from the `runbook` markers (collected by pytest itself)."""
+    return by_item(collect_scenarios(scenarios_dir))
+
+
+def by_item(scenarios: Iterable[tuple[str, str | None]]) -> dict[str, list[str]]:
+    """Runbook item -> test ids, from (test id, item) pairs; the checks beyond the runbook (no item) left out."""
     items: dict[str, list[str]] = {}
-    for nodeid, item in collect_scenarios(scenarios_dir):
+    for nodeid, item in scenarios:
         if item is not None:
             items.setdefault(item, []).append(nodeid)
     return items

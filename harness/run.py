@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import reaper, schedule
-from harness.drift import check_drift, collect_scenarios
+from harness.drift import by_item, check_drift, collect_scenarios
 from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
 from harness.outcomes import ERROR, EXIT_CODES, OUTCOMES, exit_code, one_sentence
@@ -121,7 +121,7 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str | None, 
     _clean(reports, allure_dir)
 
     scenarios = collect_scenarios(SCENARIOS_DIR)
-    drift = [d.to_dict() for d in check_drift(model, target, _by_item(scenarios))]
+    drift = [d.to_dict() for d in check_drift(model, target, by_item(scenarios))]
     drift_file = reports / "drift.json"
     drift_file.write_text(json.dumps(drift, indent=2) + "\n")
     timings_file, plan = _plan(scenarios, only, shard, durations, reports, workers)
@@ -159,14 +159,6 @@ def run(*, quantlab_root: str | None, runbook: str | None, workers: str | None, 
         # A leak in our own reports, or pytest itself ending badly (usage error, internal error), is the harness's.
         return EXIT_HARNESS
     return verdict
-
-
-def _by_item(scenarios: Sequence[tuple[str, str | None]]) -> dict[str, list[str]]:
-    by_item: dict[str, list[str]] = {}
-    for nodeid, item in scenarios:
-        if item is not None:
-            by_item.setdefault(item, []).append(nodeid)
-    return by_item
 
 
 def _plan(scenarios: Sequence[tuple[str, str | None]], only: Sequence[str], shard: str | None,
