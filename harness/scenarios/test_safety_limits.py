@@ -44,8 +44,8 @@ ITEM = items.SAFETY_DEFAULTS
 LEAK_MEMORY_MAX = "64M"  # the runbook's MemoryMax= scaled down for the leak (see the module's docstring)
 GROW_TO_FACTOR = 8  # the leak gives up (exit 3) at this multiple of its limit: a host that swaps instead of killing
 SPINNERS = 2  # busy processes: unconfined they would use two CPUs, so the quota is what holds them
-# A deadline of ours, not the runbook's: a Python script started under its unit's CPUQuota= on a machine that runs
-# many scenarios at once took over 5 s to say it runs (seen with 6 workers on 2 cores).
+# A deadline of ours, not the runbook's, for a Python script started under its unit's CPUQuota= on a machine that
+# runs many scenarios at once.
 READY_DEADLINE_S = 15.0
 CPU_WINDOW_S = 3.0
 CPU_GRANULARITY = 0.10  # the kernel runs a group a little past its quota per period (bandwidth is charged per tick)
@@ -75,7 +75,8 @@ SPINNER = """\
     for _ in range(int(os.environ["SPINNERS"]) - 1):
         if os.fork() == 0:
             break
-    print("spinning", os.getpid(), flush=True)
+    # one write per line: print() under -u writes each word apart, and the two processes' words would interleave
+    os.write(1, f"spinning {os.getpid()}\\n".encode())
     while True:
         pass
 """
