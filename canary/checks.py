@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import httpx
 
 from canary.process import CommandResult
-from quantlab_chaos import items
+from quantlab_chaos import items, tls
 
 HEALTH_FIELDS = ("active_runs", "ws_connected", "last_event_age_ms", "budget_pressure",
                  "kill_switch_active", "kill_switch_reason", "killed_symbols")
@@ -106,7 +106,8 @@ class ObserverClient:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                response = httpx.request(method, self.base_url + path, headers=headers, timeout=self.timeout)
+                response = httpx.request(method, self.base_url + path, headers=headers, timeout=self.timeout,
+                                         verify=tls.context())
                 if response.status_code not in TRANSIENT_STATUSES or attempt == self.retries:
                     return response
                 last = RuntimeError(f"HTTP {response.status_code}")

@@ -26,6 +26,7 @@ from canary.checks import CheckResult
 from canary.config import CanaryConfig, ConfigProblem, load_config
 from canary.runner import Deadline
 from canary.suite import CHECK_NAMES, DeadlineExceeded, Suite, plan, runbook_context
+from quantlab_chaos import tls
 from quantlab_chaos.redact import Redactor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -265,7 +266,7 @@ def send_alert(config: CanaryConfig, report: dict[str, Any], redact: Redactor) -
     body = redact(json.dumps(alert_payload(report)))
     try:
         response = httpx.post(str(config.webhook_url), content=body, headers={"Content-Type": "application/json"},
-                              timeout=config.webhook_timeout_s)
+                              timeout=config.webhook_timeout_s, verify=tls.context())
     except httpx.HTTPError as exc:
         print(f"quantlab-canary: the alert webhook could not be reached ({type(exc).__name__}); check [alert] in the config.",
               file=sys.stderr)

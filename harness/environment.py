@@ -39,6 +39,7 @@ from harness.sysd.spec import ServiceSpec
 from harness.sysd.status import ServiceFailed, ServiceStatus
 from harness.sysd.supervisor import Supervisor
 from harness.target import ServiceRole, Target
+from quantlab_chaos import tls
 from quantlab_chaos.envfile import EnvFile, write_env_file
 from quantlab_chaos.errors import ConfigError, HarnessError, MissingToolError
 from quantlab_chaos.redact import is_secret_name
@@ -370,7 +371,8 @@ class QuantLabEnvironment(AbstractContextManager["QuantLabEnvironment"]):
         if bearer and "Authorization" not in sent:
             sent["Authorization"] = f"Bearer {bearer}"
         try:
-            response = httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout)
+            response = httpx.request(method, self.observer_url + path, headers=sent, timeout=timeout,
+                                     verify=tls.context())
         except httpx.TransportError as exc:
             self.http_log.append({"method": method, "path": path, "authorization": "sent" if "Authorization" in sent
                                   else "none", "status": None, "body": f"no answer: {type(exc).__name__}"})

@@ -31,7 +31,7 @@ from harness.environment import QuantLabEnvironment
 from harness.experiment import Action, Observation, Probe, Slot, command_observation, holds
 from harness.journal import Journal, RunbookViolation, Snapshot, snapshot, violation
 from harness.outcomes import SteadyStateNotReached
-from quantlab_chaos import items, procgroup
+from quantlab_chaos import items, procgroup, tls
 from quantlab_chaos.errors import HarnessError
 from quantlab_chaos.runbook import HttpRequest, Runbook
 from quantlab_chaos.waiting import wait_until
@@ -195,7 +195,8 @@ def observer_facts(env: QuantLabEnvironment, method: str = "GET", path: str = "/
     for port in seen[:2]:
         url = f"http://127.0.0.1:{port}{path}"
         try:
-            answer = httpx.request(method, url, headers={"Authorization": f"Bearer {env.token}"}, timeout=3.0)
+            answer = httpx.request(method, url, headers={"Authorization": f"Bearer {env.token}"}, timeout=3.0,
+                                   verify=tls.context())
             facts += f"; there {method} {path} with the token answers {answer.status_code}"
         except httpx.TransportError as exc:
             facts += f"; there {method} {path} got no answer ({type(exc).__name__})"

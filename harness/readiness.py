@@ -23,6 +23,7 @@ import httpx
 import psutil
 
 from harness.sysd.status import ServiceError
+from quantlab_chaos import tls
 
 HTTP_PROBE_TIMEOUT_S = 1.0
 TCP_PROBE_TIMEOUT_S = 0.5
@@ -68,7 +69,8 @@ def _listening_of(pid: int) -> set[int]:
 def answers_http(port: int, path: str | None) -> bool:
     """True when 127.0.0.1:port answers an HTTP request with any status."""
     try:
-        httpx.get(f"http://127.0.0.1:{port}{path or '/'}", timeout=HTTP_PROBE_TIMEOUT_S, trust_env=False)
+        httpx.get(f"http://127.0.0.1:{port}{path or '/'}", timeout=HTTP_PROBE_TIMEOUT_S, trust_env=False,
+                  verify=tls.context())
     except httpx.HTTPError:
         return False
     return True
@@ -76,7 +78,7 @@ def answers_http(port: int, path: str | None) -> bool:
 
 def http_ready(url: str) -> bool:
     """True when `url` answers 2xx or 401: an observer without a token is up, it just refuses us."""
-    response = httpx.get(url, timeout=HTTP_PROBE_TIMEOUT_S, trust_env=False)
+    response = httpx.get(url, timeout=HTTP_PROBE_TIMEOUT_S, trust_env=False, verify=tls.context())
     return 200 <= response.status_code < 300 or response.status_code == httpx.codes.UNAUTHORIZED
 
 

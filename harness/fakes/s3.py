@@ -28,6 +28,7 @@ from harness.fakes import containers
 from harness.fakes.docker import docker_status
 from harness.fakes.images import s3_image
 from harness.ports import free_port
+from quantlab_chaos import tls
 from quantlab_chaos.errors import ConfigError, UnreachableError
 from quantlab_chaos.waiting import wait_until
 
@@ -108,7 +109,7 @@ class MotoS3(S3Server):
         return self
 
     def _answers(self) -> bool:
-        return httpx.get(self.endpoint_url + "/", timeout=2).status_code < 500
+        return httpx.get(self.endpoint_url + "/", timeout=2, verify=tls.context()).status_code < 500
 
     def close(self) -> None:
         if self._server is not None:
@@ -186,7 +187,7 @@ class MinioS3(S3Server):
     def _live(self) -> bool:
         path = "/minio/health/live" if self.server == "minio" else "/"
         try:
-            return httpx.get(self.endpoint_url + path, timeout=2).status_code == 200
+            return httpx.get(self.endpoint_url + path, timeout=2, verify=tls.context()).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -216,7 +217,7 @@ class ExternalS3(S3Server):
 
     def __enter__(self) -> ExternalS3:
         try:
-            httpx.get(self.endpoint_url + "/", timeout=5)
+            httpx.get(self.endpoint_url + "/", timeout=5, verify=tls.context())
         except httpx.HTTPError as exc:
             raise UnreachableError(
                 f"The S3 endpoint {self.endpoint_url} does not answer ({exc}). Check the URL given with "

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
+from quantlab_chaos import tls
 from quantlab_chaos.errors import EXIT_UNREACHABLE, HarnessError
 
 API_TIMEOUT_S = 5.0
@@ -116,7 +117,8 @@ class ToxiproxyAPI:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # trust_env=False: HTTP(S)_PROXY meant for the internet must not sit between the harness and its toxiproxy.
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False, transport=transport)
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False, transport=transport,
+                                    verify=tls.context())
 
     def __repr__(self) -> str:
         return f"ToxiproxyAPI({self.url!r})"

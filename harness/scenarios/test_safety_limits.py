@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,7 @@ SPINNERS = 2  # busy processes: unconfined they would use two CPUs, so the quota
 # runs many scenarios at once.
 READY_DEADLINE_S = 15.0
 CPU_WINDOW_S = 3.0
+REACH_DEADLINE_S = 30.0  # ours: how long a busy host may take to let the spinner reach its quota
 CPU_GRANULARITY = 0.10  # the kernel runs a group a little past its quota per period (bandwidth is charged per tick)
 RESTART_SLACK_S = 2.0  # RestartSec= is a minimum: spawning the restarted interpreter takes a moment more
 PY = f"{sys.executable} -u -S"  # -S: the scripts need only the standard library
@@ -283,39 +285,64 @@ def test_a_service_that_keeps_leaking_is_given_up_at_the_start_limit(
 # -- CPUQuota= ---------------------------------------------------------------------------------------------------------
 
 
+def _cpu_use(svc: TestService, window_s: float) -> tuple[float, int, str, dict[str, Any]] | None:
+    """The CPU-seconds a second the service's group used over `window_s`, its throttled periods, in words and as
+    evidence; None where the group keeps no CPU accounting."""
+    group = svc.group()
+    first = group.cpu_usage_s() if group is not None else None
+    if group is None or first is None:
+        return None
+    throttled, started = group.throttled() or 0, time.monotonic()
+    time.sleep(window_s)
+    last, took = group.cpu_usage_s() or first, time.monotonic() - started
+    rate, periods = (last - first) / took, (group.throttled() or 0) - throttled
+    seen = (f"{last - first:.2f} CPU-seconds in {took:.1f} s: {rate:.3f} CPU-seconds a second ({SPINNERS} busy "
+            f"processes; throttled in {periods} periods)")
+    return rate, periods, seen, {"cpu_seconds_per_second": round(rate, 3), "throttled_periods": periods,
+                                 "hierarchy": group.hierarchy}
+
+
 @pytest.mark.runbook(ITEM)
 def test_cpu_quota_holds_a_spinning_service_to_its_share(supervisor: Supervisor, runbook_model: Runbook,
                                                         journal: Journal, tmp_path: Path) -> None:
     """Two busy processes under the runbook's CPUQuota= use at most the quota (CPU-seconds a second), read over
-    CPU_WINDOW_S from the group's own accounting."""
+    CPU_WINDOW_S from the group's own accounting, once the host has been seen to let them reach it."""
     quota = _setting(runbook_model, "CPUQuota")
     share = parse_cpu_quota(quota.value) / 100
     svc = _service(supervisor, runbook_model, tmp_path, "spinner", SPINNER, f"CPUQuota={quota.value}\n")
     ceiling = share * (1 + CPU_GRANULARITY)
+    no_accounting = Observation(None, "the service's group keeps no CPU accounting here", final=True)
+
+    def reaches() -> Observation:
+        use = _cpu_use(svc, 1.0)
+        if use is None:
+            return no_accounting
+        rate, periods, seen, evidence = use
+        return Observation(periods > 0 or rate >= share / 2, seen, evidence)
 
     def used() -> Observation:
-        group = svc.group()
-        first = group.cpu_usage_s() if group is not None else None
-        if group is None or first is None:
-            return Observation(None, "the service's group keeps no CPU accounting here", final=True)
-        throttled, started = group.throttled() or 0, time.monotonic()
-        time.sleep(CPU_WINDOW_S)
-        last, took = group.cpu_usage_s() or first, time.monotonic() - started
-        rate = (last - first) / took
+        use = _cpu_use(svc, CPU_WINDOW_S)
+        if use is None:
+            return no_accounting
+        rate, _periods, seen, evidence = use
         journal.measure("cpu_seconds_per_second", round(rate, 3))
-        periods = (group.throttled() or 0) - throttled
-        return Observation(rate, f"{last - first:.2f} CPU-seconds in {took:.1f} s: {rate:.3f} CPU-seconds a second "
-                                 f"({SPINNERS} busy processes; throttled in {periods} periods)",
-                           {"cpu_seconds_per_second": round(rate, 3), "throttled_periods": periods,
-                            "hierarchy": group.hierarchy}, final=True)
+        return Observation(rate, seen, evidence, final=True)
 
     journal.run(Experiment(
         f"{ITEM} (CPUQuota= holds a spinning service)",
         setup=[_enforceable(supervisor), Action(f"start {svc.name}", lambda: supervisor.start(svc.name))],
-        steady_state=[_runs_confined(svc, "spinning")],
+        # A busy host (many scenarios, or soak's CPU pressure) may give the spinner less than its quota; below it
+        # the quota holds nothing, so the check waits until the spinner is seen to reach it (throttled, or at
+        # least half its share), else the scenario is blocked by the host, not failed by the target.
+        steady_state=[_runs_confined(svc, "spinning"), Probe(
+            f"{svc.name}'s group CPU accounting over 1 s windows", reaches,
+            holds(f"the host lets {svc.name} reach its CPUQuota={quota.value} (its group throttled, or at least "
+                  f"{share / 2:g} CPU-seconds a second), so the quota is what holds it; a host this busy cannot "
+                  "test the quota: run fewer scenarios at once"),
+            deadline_s=REACH_DEADLINE_S, interval_s=0.05, recheck=False)],
         checks=[Probe(f"{svc.name}'s group CPU accounting over {CPU_WINDOW_S:g} s", used, Tolerance(
             f"CPUQuota={quota.value} holds a service that spins to at most {share:g} CPU-seconds a second (up to "
-            f"{ceiling:.2f} for the kernel's per-tick charging), and it did spin (at least {share / 2:g})",
-            lambda rate: isinstance(rate, float) and share / 2 <= rate <= ceiling, quota.source))],
+            f"{ceiling:.2f} for the kernel's per-tick charging)",
+            lambda rate: isinstance(rate, float) and rate <= ceiling, quota.source))],
         rollbacks=[Action(f"stop {svc.name}", lambda: supervisor.stop(svc.name))],
     ))

@@ -34,6 +34,7 @@ from harness.security import (
     probe_open_port,
     probe_rate_limit,
 )
+from quantlab_chaos import tls
 from quantlab_chaos.errors import HarnessError
 from quantlab_chaos.runbook import Runbook
 
@@ -109,7 +110,7 @@ def test_security_probes(quantlab: QuantLabEnvironment, runbook_model: Runbook, 
     report = SecurityReport(secrets=SecretSet(quantlab.secrets()))
     try:
         roles = start_services(quantlab, report)
-        with kit.live_run(quantlab, runbook_model) as live, httpx.Client(timeout=PROBE_TIMEOUT_S) as client:
+        with kit.live_run(quantlab, runbook_model) as live, httpx.Client(timeout=PROBE_TIMEOUT_S, verify=tls.context()) as client:
             pids = service_pids(quantlab, roles, live)
             probe_observer(client, report, quantlab, live.run_id)
             probe_ports(client, report, pids)

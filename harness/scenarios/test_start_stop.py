@@ -28,7 +28,7 @@ from harness.journal import Journal, violation
 from harness.sysd.status import ServiceStatus
 from harness.sysd.unitfile import parse_unit
 from harness.target import Target
-from quantlab_chaos import items
+from quantlab_chaos import items, tls
 from quantlab_chaos.errors import HarnessError, UnitError
 from quantlab_chaos.runbook import Runbook, Source, SystemctlCommand, load_runbook
 from quantlab_chaos.waiting import eventually, until_deadline
@@ -234,7 +234,7 @@ def _answers_health(env: QuantLabEnvironment, journal: Journal, wiring: ServiceW
     statuses: list[int] = []
 
     def answers() -> bool:
-        statuses.append(httpx.get(url, timeout=2.0).status_code)
+        statuses.append(httpx.get(url, timeout=2.0, verify=tls.context()).status_code)
         return 200 <= statuses[-1] < 300 or statuses[-1] == httpx.codes.UNAUTHORIZED
 
     if eventually(answers, timeout=HEALTH_TIMEOUT_S, interval=0.2):
