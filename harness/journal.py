@@ -75,6 +75,7 @@ class Journal:
         self.steps: list[Step] = []
         self.findings: list[Finding] = []
         self.measurements: dict[str, Any] = {}
+        self.waits: list[tuple[str, float]] = []  # waits the scenario needs by nature, with what sets each
         self.symptom_observed: bool | None = None
         self.fix_verified: bool | None = None
         self._t0 = time.monotonic()
@@ -106,6 +107,11 @@ class Journal:
     def enter(self, context: AbstractContextManager[T]) -> T:
         """Enters a context (a live run) that the experiment's rollbacks leave, whatever happens."""
         return self.runner.enter(context)
+
+    def note_wait(self, reason: str, seconds: float) -> None:
+        """A wait the scenario cannot do without (a runbook value, a deadline of ours), and what sets it: the
+        reports say what bounds a run's longest scenario."""
+        self.waits.append((reason, float(seconds)))
 
     def mark(self, moment: str, at: float | None) -> None:
         """The monotonic time of a moment of the experiment: fault, detected, fix, recovered."""

@@ -63,7 +63,8 @@ def merge_reports(dirs: Sequence[Path], out: Path, *, html: bool = False) -> int
     report.set_block("started_at", min(str(s.get("started_at", "")) for s in shards))
     report.set_block("duration_s", max(float(s.get("duration_s", 0.0)) for s in shards))
     report.set_block("timing", {key: round(sum(float((s.get("timing") or {}).get(key, 0.0)) for s in shards), 2)
-                                for key in ("scenario_time_s", "inherent_wait_s")})
+                                for key in ("scenario_time_s", "inherent_wait_s")}
+                     | {"longest": _longest(shards)})
     report.set_block("shards", [s["_dir"] for s in shards])
     _copy_allure(shards, out / ALLURE)
     _merge_junit(shards, out / "junit.xml")
@@ -72,6 +73,12 @@ def merge_reports(dirs: Sequence[Path], out: Path, *, html: bool = False) -> int
     if html:
         render_html(out / ALLURE, out / "allure-report")
     return int(data["exit_code"])
+
+
+def _longest(shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The longest scenario over all the shards."""
+    found = [s["timing"]["longest"] for s in shards if (s.get("timing") or {}).get("longest")]
+    return max(found, key=lambda longest: float(longest["wall_s"]), default=None)
 
 
 def _read(folder: Path) -> dict[str, Any]:

@@ -181,6 +181,7 @@ class RunbookReport:
         self.shard: str | None = None  # K/N when this run is one shard of the scenarios
         self.walls: dict[str, float] = {}  # nodeid -> wall time of its three phases
         self.costs: dict[str, dict[str, Any]] = {}  # nodeid -> {"cpu_s", "rss_bytes"} its process measured
+        self.waits: dict[str, list[list[Any]]] = {}  # nodeid -> [reason, seconds] of each wait it needs by nature
 
     def set_block(self, name: str, data: Any) -> None:
         """Adds (or replaces) a top-level block of summary.json; the next write() includes it."""
@@ -209,6 +210,19 @@ class RunbookReport:
         self.walls[report.nodeid] = self.walls.get(report.nodeid, 0.0) + report.duration
         if "cost" in props:
             self.costs[report.nodeid] = json.loads(str(props["cost"]))
+        if "inherent_waits" in props:
+            self.waits[report.nodeid] = json.loads(str(props["inherent_waits"]))
+
+    def longest(self) -> dict[str, Any] | None:
+        """The run's longest scenario, which bounds the run however many workers it has, with the waits that set
+        its length (a runbook value, a deadline of ours) where the scenario declared them."""
+        if not self.walls:
+            return None
+        nodeid = max(self.walls, key=lambda n: (self.walls[n], n))
+        waits = [(str(reason), float(seconds)) for reason, seconds in self.waits.get(nodeid, [])]
+        return {"nodeid": nodeid, "wall_s": round(self.walls[nodeid], 2),
+                "inherent_wait_s": round(sum(seconds for _, seconds in waits), 2),
+                "waits": [{"reason": reason, "seconds": seconds} for reason, seconds in waits]}
 
     def timings(self) -> dict[str, schedule.Timing]:
         return {nodeid: schedule.Timing(round(wall, 3), float(self.costs.get(nodeid, {}).get("cpu_s", 0.0)),
@@ -308,6 +322,7 @@ class RunbookReport:
             "timing": {
                 "scenario_time_s": round(sum(o.duration_s for o in self.outcomes.values()), 2),
                 "inherent_wait_s": round(sum(o.inherent_wait_s for o in self.outcomes.values()), 2),
+                "longest": self.longest(),
             },
             "security": self.security_block(),
             "only": sorted(self.selected),

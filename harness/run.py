@@ -23,6 +23,7 @@ from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
 from harness.outcomes import ERROR, EXIT_CODES, OUTCOMES, exit_code, one_sentence
 from harness.reporting import SUMMARY_JSON
+from harness.summary_markdown import longest_sentence
 from harness.sysd.cgroups import Cgroups
 from harness.sysd.stopping import group_members
 from harness.target import PROJECT_ROOT, TWIN_ROOT, Target
@@ -279,6 +280,9 @@ def _print_summary(summary: dict[str, Any], reports: Path) -> None:
             extra = f"  {one_sentence(row['message'], 200)}" if row["outcome"] != "pass" else ""
             print(f"  {row['outcome'].upper():<7}  {row['id']:<36} {len(row['findings'])} finding(s)"
                   + (f", {accepted} accepted" if accepted else "") + extra)
+    longest = longest_sentence((summary.get("timing") or {}).get("longest"))
+    if longest:
+        print(f"Longest scenario (no worker count makes a run shorter): {longest}")
     security, secrets = summary.get("security") or {}, summary.get("secrets") or {}
     if security.get("tests"):
         print(f"Security probes: {len(security.get('probes', []))} probe(s), {len(security.get('failures', []))} failure(s), "

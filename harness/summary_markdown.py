@@ -29,6 +29,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Target: `{data['target']}`", f"- Runbook: `{data['runbook']}`",
         f"- Started: {data['started_at']}, took {data['duration_s']} s",
         f"- Isolation: {data.get('isolation') or '-'}",
+        f"- Longest scenario: {longest_sentence((data.get('timing') or {}).get('longest')) or '-'}",
         "- Items: " + ", ".join(f"{totals.get(o, 0)} {o}" for o in OUTCOMES) + f" (exit code {data.get('exit_code')})",
     ]
     if beyond:
@@ -61,6 +62,17 @@ def markdown(data: dict[str, Any]) -> str:
     lines += _security_markdown(data.get("security"))
     lines += _secrets_markdown(data.get("secrets"))
     return "\n".join(lines) + "\n"
+
+
+def longest_sentence(longest: Mapping[str, Any] | None) -> str | None:
+    """What bounds a run however many workers it has: its longest scenario, and what sets that one's length."""
+    if not longest:
+        return None
+    waits = longest.get("waits") or []
+    said_waits = "; ".join(f"{w['reason']} ({float(w['seconds']):g} s)" for w in waits)
+    why = (f"{float(longest.get('inherent_wait_s', 0.0)):g} s of it are waits it needs: {said_waits}" if waits
+           else "it declares no waits of its own")
+    return f"{short_test_name(str(longest['nodeid']))} took {float(longest['wall_s']):g} s; {why}"
 
 
 def _remedy_markdown(block: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:

@@ -8,14 +8,18 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from harness import schedule
 from harness.drift import collect_scenarios
+from harness.reporting import RunbookReport
 from harness.schedule import Timing
-from harness.target import PROJECT_ROOT
+from harness.summary_markdown import longest_sentence
+from harness.target import PROJECT_ROOT, TWIN_ROOT
 from quantlab_chaos.errors import ConfigError
+from quantlab_chaos.runbook import load_runbook
 
 CLI = str(Path(sys.executable).with_name("quantlab-chaos"))
 TIMINGS = {"a": Timing(17.0, 1.0), "b": Timing(2.0, 0.5), "c": Timing(9.0, 1.0), "d": Timing(8.0, 0.5),
@@ -85,6 +89,30 @@ def _tests(folder: Path) -> list[str]:
     return sorted(t["nodeid"] for row in data["items"] for t in row["tests"] if t["outcome"] != "skipped")
 
 
+def _phase(nodeid: str, when: Literal["setup", "call", "teardown"], duration: float, props: list[tuple[str, object]]) -> pytest.TestReport:
+    return pytest.TestReport(nodeid, ("f.py", 0, nodeid), {}, "passed", None, when, duration=duration,
+                             user_properties=props)
+
+
+def test_the_longest_scenario_is_named_with_the_waits_that_set_it(tmp_path: Path) -> None:
+    report = RunbookReport(tmp_path, load_runbook(TWIN_ROOT / "docs" / "runbook.md"), TWIN_ROOT)
+    assert report.longest() is None and longest_sentence(None) is None
+    waits = json.dumps([["RestartSec=5s (runbook line 74) before each of the 4 restarts", 20.0], ["a deadline of ours", 6.0]])
+    phases: list[tuple[Literal["setup", "call", "teardown"], float]] = [("setup", 0.5), ("call", 30.0), ("teardown", 0.5)]
+    for when, duration in phases:
+        report.pytest_runtest_logreport(_phase("t.py::leak", when, duration, [("inherent_waits", waits)] if when == "call" else []))
+    report.pytest_runtest_logreport(_phase("t.py::quick", "call", 29.0, []))
+    longest = report.longest()
+    assert longest == {"nodeid": "t.py::leak", "wall_s": 31.0, "inherent_wait_s": 26.0,
+                       "waits": [{"reason": "RestartSec=5s (runbook line 74) before each of the 4 restarts", "seconds": 20.0},
+                                 {"reason": "a deadline of ours", "seconds": 6.0}]}
+    assert longest_sentence(longest) == ("leak took 31 s; 26 s of it are waits it needs: RestartSec=5s (runbook line 74) "
+                                         "before each of the 4 restarts (20 s); a deadline of ours (6 s)")
+    assert report.summary()["timing"]["longest"] == longest
+    plain = {"nodeid": "t.py::quick", "wall_s": 29.0, "inherent_wait_s": 0.0, "waits": []}
+    assert longest_sentence(plain) == "quick took 29 s; it declares no waits of its own"
+
+
 def test_two_shards_merged_give_the_verdicts_of_one_run(tmp_path: Path) -> None:
     only = ["--only", "self-test", "--only", "health-checks", "--only", "failure:observer-unauthorized"]
     whole = _run("run", *only, "-n", "2", "--reports", str(tmp_path / "whole"))
@@ -97,6 +125,10 @@ def test_two_shards_merged_give_the_verdicts_of_one_run(tmp_path: Path) -> None:
     merged = _run("report", "merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stdout[-3000:] + merged.stderr[-2000:]
     assert _summary(tmp_path / "merged") == _summary(tmp_path / "whole")
+    assert "Longest scenario (no worker count makes a run shorter): " in whole.stdout
+    shard_longest = [json.loads((tmp_path / f"s{k}" / "summary.json").read_text())["timing"]["longest"] for k in (1, 2)]
+    merged_longest = json.loads((tmp_path / "merged" / "summary.json").read_text())["timing"]["longest"]
+    assert merged_longest == max(shard_longest, key=lambda longest: longest["wall_s"])
     assert _tests(tmp_path / "merged") == sorted(first + second) == _tests(tmp_path / "whole")
     cases = ET.parse(tmp_path / "merged" / "junit.xml").getroot().iter("testcase")
     assert sorted(case.get("name", "") for case in cases) == sorted(n.rsplit("::", 1)[-1] for n in first + second)

@@ -84,6 +84,10 @@ SPINNER = """\
 """
 
 
+def _line(setting: Setting) -> str:
+    return f" (runbook line {setting.source.line})"
+
+
 def _setting(runbook: Runbook, name: str) -> Setting:
     try:
         return runbook.unit_directive(name)
@@ -214,6 +218,7 @@ def test_a_leak_past_memory_max_is_killed_and_restarted_after_restart_sec(
         return Observation(ok, f"restarted as PID {records[1][1]} {delay:.2f} s after the OOM kill "
                                f"(RestartSec={restart_sec.value})", {"oom_to_restart_s": round(delay, 3)}, final=True)
 
+    journal.note_wait(f"RestartSec={restart_sec.value}{_line(restart_sec)} before the restart", wait_s)
     journal.run(Experiment(
         f"{ITEM} (a leak past MemoryMax= is killed, then restarted)",
         setup=[_enforceable(supervisor), Action(f"start {svc.name}", lambda: supervisor.start(svc.name))],
@@ -267,6 +272,11 @@ def test_a_service_that_keeps_leaking_is_given_up_at_the_start_limit(
                            f"{wait_s + 1:g} s later: {status.active_state} ({status.result}), {later - count} start(s) "
                            f"since", final=True)
 
+    restarts = max(int(burst.value) - 1, 0)
+    journal.note_wait(f"RestartSec={restart_sec.value}{_line(restart_sec)} before each of the {restarts} restarts that "
+                      f"StartLimitBurst={burst.value}{_line(burst)} allows", restarts * wait_s)
+    journal.note_wait("a deadline of ours: RestartSec= and 1 s more, watching that the service given up is not "
+                      "started again", wait_s + 1.0)
     journal.run(Experiment(
         f"{ITEM} (a crash loop stops at the start limit)",
         setup=[_enforceable(supervisor), Action(f"start {svc.name}", lambda: supervisor.start(svc.name))],
