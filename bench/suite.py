@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -109,8 +110,19 @@ def _scheduled(part: PartResult, out_dir: Path, parallel: dict[str, Any]) -> Non
         Goal("suite.shard_balance", "longer shard's wall / shorter's", part.ratios["shard_balance"], SHARD_BALANCE_GOAL,
              "x", "max"),
     ]
+    cores = os.cpu_count() or 1
+    floor = chosen["cpu_s"] / cores
+    part.ratios["chosen_cpu_floor_vs_longest"] = ratio(floor, longest)
+    part.notes.append(f"chosen: the run and everything it started used {fmt(chosen['cpu_s'])} CPU-seconds, so {cores} "
+                      f"core(s) need at least {fmt(floor)} s of wall for it ({floor / longest:.2f}x the longest scenario), "
+                      f"before the start-up and the reports; the wall was {chosen['wall_s'] / floor:.2f}x that floor")
     part.notes.append(f"2 shards merged vs one run with the chosen workers: {len(differing)} item(s) differ"
                       + (f" ({', '.join(differing)})" if differing else ""))
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _totals(result: dict[str, Any]) -> str:
@@ -126,6 +138,7 @@ def _suite(reports: Path, workers: str | None, extra: list[str] | None = None) -
     reports.mkdir(parents=True, exist_ok=True)
     log_path = reports.parent / f"run-{reports.name}.log"
     with open(log_path, "w") as log:
+        before = _children_cpu_s()
         started = time.perf_counter()
         process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -139,6 +152,7 @@ def _suite(reports: Path, workers: str | None, extra: list[str] | None = None) -
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         wall = time.perf_counter() - started
+        cpu_s = _children_cpu_s() - before  # the run and everything it reaped: workers, services, tools
     summary_path = reports / "summary.json"
     if not summary_path.is_file():
         tail = log_path.read_text(errors="replace")[-1500:]
@@ -151,7 +165,7 @@ def _suite(reports: Path, workers: str | None, extra: list[str] | None = None) -
     return {
         "workers": workers, "plan": plan, "longest_s": max(walls, default=0.0), "sum_s": sum(walls),
         "outcomes": {row["id"]: row["outcome"] for row in summary.get("items", [])},
-        "argv": argv[1:], "exit_code": code, "wall_s": wall, "pytest_duration_s": summary.get("duration_s"),
+        "argv": argv[1:], "exit_code": code, "wall_s": wall, "cpu_s": cpu_s, "pytest_duration_s": summary.get("duration_s"),
         "scenario_time_s": timing.get("scenario_time_s"), "inherent_wait_s": timing.get("inherent_wait_s") or 0.0,
         "tests": sum(len(row.get("tests", [])) for row in summary.get("items", [])),
         "totals": summary.get("totals", {}),

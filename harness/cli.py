@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from harness import bytecode
 from quantlab_chaos.errors import EXIT_USAGE, ConfigError, HarnessError
 
 if TYPE_CHECKING:
@@ -333,6 +334,7 @@ def missing_chaos_packages() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    bytecode.use_cache()  # before the harness's modules are imported (harness.bytecode)
     restore_default_sigint()
     parser = build_parser()
     args = parser.parse_args(argv)

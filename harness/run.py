@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import reaper, schedule
+from harness import bytecode, reaper, schedule
 from harness.drift import by_item, check_drift, collect_scenarios
 from harness.fakes.docker import require_docker
 from harness.isolation import run_isolation
@@ -207,32 +207,10 @@ def _clean(reports: Path, allure_dir: Path) -> None:
         (reports / name).unlink(missing_ok=True)
 
 
-def bytecode_cache() -> Path:
-    """Where pytest's processes keep their compiled modules: `$QUANTLAB_CHAOS_CACHE/pycache`, by default
-    `${XDG_CACHE_HOME:-~/.cache}/quantlab-chaos/pycache`."""
-    explicit = os.environ.get("QUANTLAB_CHAOS_CACHE")
-    base = Path(explicit) if explicit else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantlab-chaos"
-    return base.expanduser() / "pycache"
-
-
-def bytecode_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """`env` (default: ours) for pytest, with compiled modules kept in `bytecode_cache()`.
-
-    Every xdist worker imports the harness and its libraries, and pytest rewrites the asserts of each plugin and
-    test module. Where PYTHONDONTWRITEBYTECODE is set (many CI images set it), nothing is cached, and every worker
-    compiles it all again: seconds of CPU each, taken from the services under test on a machine that runs many
-    scenarios at once. So pytest writes bytecode, but to a cache of ours (PYTHONPYCACHEPREFIX), never beside the
-    sources; a PYTHONPYCACHEPREFIX of the user's own is kept."""
-    env = dict(os.environ if env is None else env)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.setdefault("PYTHONPYCACHEPREFIX", str(bytecode_cache()))
-    return env
-
-
 def _pytest(argv: list[str]) -> int:
     """Runs pytest in its own process group; Ctrl-C or SIGTERM is passed on, so every worker cleans up.
     If this process is killed outright, the reaper ends pytest's group. Interrupted raises HarnessError."""
-    process = subprocess.Popen(argv, cwd=PROJECT_ROOT, start_new_session=True, env=reaper.child_env(bytecode_env()))
+    process = subprocess.Popen(argv, cwd=PROJECT_ROOT, start_new_session=True, env=reaper.child_env(bytecode.child_env()))
     reaper.watch(process.pid)
     received: list[int] = []
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import run
+from harness import bytecode
 from quantlab_chaos import tls
 
 
@@ -20,9 +20,9 @@ def test_bytecode_env_writes_to_our_cache_even_where_the_environment_forbids_wri
     monkeypatch.setenv("QUANTLAB_CHAOS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
-    env = run.bytecode_env()
+    env = bytecode.child_env()
     assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "cache" / "pycache")
-    assert run.bytecode_cache() == tmp_path / "cache" / "pycache"
+    assert bytecode.cache() == tmp_path / "cache" / "pycache"
 
     source = tmp_path / "src"
     source.mkdir()
@@ -37,8 +37,8 @@ def test_bytecode_env_writes_to_our_cache_even_where_the_environment_forbids_wri
 
 def test_bytecode_env_keeps_a_prefix_of_the_users_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "mine"))
-    assert run.bytecode_env()["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
-    given = run.bytecode_env({"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert bytecode.child_env()["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
+    given = bytecode.child_env({"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"})
     assert "PYTHONDONTWRITEBYTECODE" not in given and given["PYTHONPYCACHEPREFIX"].endswith("pycache")
 
 
@@ -71,3 +71,22 @@ def test_a_call_with_the_shared_context_reaches_a_plain_http_server() -> None:
                 assert client.get(url).status_code == 204
         finally:
             server.shutdown()
+
+
+def test_the_command_line_itself_compiles_into_the_cache(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "quick.py").write_text("VALUE = 7\n")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "QUANTLAB_CHAOS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(source), str(Path(run_root()))])}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    code = "import sys; from harness import bytecode; bytecode.use_cache(); import quick; print(quick.VALUE, sys.pycache_prefix)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7", str(tmp_path / "cache" / "pycache")]
+    assert list((tmp_path / "cache" / "pycache").rglob("quick*.pyc")) and not (source / "__pycache__").exists()
+
+
+def run_root() -> Path:
+    """The project folder, where the harness package is."""
+    return Path(bytecode.__file__).resolve().parents[1]
