@@ -431,7 +431,6 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     journal = funcargs.get("journal") if isinstance(funcargs.get("journal"), Journal) else None
     waits = [*(env.inherent_waits if isinstance(env, QuantLabEnvironment) else []), *(journal.waits if journal else [])]
     if waits:
-        item.user_properties.append(("inherent_wait_s", round(sum(s for _, s in waits), 3)))
         item.user_properties.append(("inherent_waits", json.dumps([[reason, round(s, 3)] for reason, s in waits])))
     secrets = list(env.secrets().values()) if isinstance(env, QuantLabEnvironment) else []
     item.stash[FINDINGS] = findings = _findings_of(item, journal, secrets)

@@ -201,8 +201,7 @@ class RunbookReport:
         outcome = self.outcomes.setdefault(report.nodeid, TestOutcome(report.nodeid, str(item)))
         if "runbook_journal" in props:
             outcome.journal = json.loads(str(props["runbook_journal"]))
-        if "inherent_wait_s" in props:
-            outcome.inherent_wait_s = float(str(props["inherent_wait_s"]))
+        outcome.inherent_wait_s = sum(float(seconds) for _, seconds in self.waits.get(report.nodeid, []))
         outcome.note(report)
 
     def _note_cost(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
