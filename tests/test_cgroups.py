@@ -290,3 +290,26 @@ def test_limit_scenarios_are_blocked_where_cgroups_cannot_be_written(tmp_path: P
     outcomes = [test["outcome"] for test in row["tests"]]
     assert outcomes == ["blocked"] * 3, (outcomes, done.stdout[-2000:])
     assert "not running as root" in row["message"], row["message"]
+
+
+@ENFORCED_HERE
+def test_a_quota_the_spinner_cannot_reach_blocks_the_cpu_scenario_and_never_fails_it(tmp_path: Path) -> None:
+    """The CPU-quota scenario judges the quota only once the spinner has been seen to reach it. Its two busy
+    processes can use two CPUs at most, so under CPUQuota=500% they never do, as on a host too busy to let them:
+    the scenario must end blocked, saying so, and not fail the target for a quota that held nothing."""
+    runbook = tmp_path / "runbook.md"
+    text = (PROJECT_ROOT / "reference" / "quantlab" / "docs" / "runbook.md").read_text()
+    assert "`CPUQuota=80%`" in text, "the twin's runbook no longer sets CPUQuota=80%; update the test's edit"
+    runbook.write_text(text.replace("`CPUQuota=80%`", "`CPUQuota=500%`"))
+    reports = tmp_path / "reports"
+    done = subprocess.run([str(Path(sys.executable).with_name("quantlab-chaos")), "run", "--only", "safety-defaults",
+                           "--runbook", str(runbook), "-n", "0", "--reports", str(reports),
+                           "--pytest-arg=-k", "--pytest-arg=cpu_quota_holds"],
+                          capture_output=True, text=True, timeout=300)
+    assert (reports / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-2000:]
+    row = next(row for row in json.loads((reports / "summary.json").read_text())["items"] if row["id"] == "safety-defaults")
+    tests = {test["nodeid"].rsplit("::", 1)[-1]: test for test in row["tests"]}
+    verdict = tests["test_cpu_quota_holds_a_spinning_service_to_its_share"]
+    assert verdict["outcome"] == "blocked", verdict
+    assert "a host this busy cannot test the quota" in verdict["message"] and "CPUQuota=500%" in verdict["message"], verdict
+    assert done.returncode == 1, done.stdout[-2000:]
