@@ -93,11 +93,10 @@ test-twin: bootstrap ## the twin's own node --test suite
 
 # tools/docker-engine.sh starts a Docker engine of the run's own where it can (root; apt-get installs docker.io once)
 # and stops it afterwards, however pytest ends; without one, the container backends' tests skip with the reason.
-# Compiled modules go to our cache, never beside the sources, even where PYTHONDONTWRITEBYTECODE is set: else every
-# process the tests start compiles the harness again (harness/bytecode.py does the same for quantlab-chaos).
-PYCACHE := $${PYTHONPYCACHEPREFIX:-$${QUANTLAB_CHAOS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/quantlab-chaos}/pycache}
+# harness.bytecode keeps compiled modules in our cache, never beside the sources, even where PYTHONDONTWRITEBYTECODE
+# is set: else every process the tests start compiles the harness again (quantlab-chaos does the same).
 test-harness: bootstrap prepare-target .tools/wheelhouse/.ready .tools/images/.ready ## the harness's own tests and the scenarios under pytest, with a Docker engine of their own where one can run (PYTEST_FLAGS: -n auto)
-	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$(PYCACHE)" ./tools/docker-engine.sh run -- $(PY) -m pytest $(PYTEST_FLAGS)
+	$(PY) -m harness.bytecode ./tools/docker-engine.sh run -- $(PY) -m pytest $(PYTEST_FLAGS)
 
 clean: ## remove what bootstrap installed, and the reports
 	rm -rf $(VENV) .tools $(TWIN)/node_modules tools/allure/node_modules

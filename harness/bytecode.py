@@ -5,6 +5,7 @@ module. Where PYTHONDONTWRITEBYTECODE is set (many CI images set it) nothing is 
 it all again: seconds of CPU each, taken from the services under test on a machine that runs many scenarios at
 once. So our processes write bytecode, but to `cache()` (PYTHONPYCACHEPREFIX), never beside the sources; a
 PYTHONPYCACHEPREFIX of the user's own is kept. Light on purpose: the command line imports it first.
+`python -m harness.bytecode COMMAND...` runs a command with this environment (make test-harness uses it).
 """
 from __future__ import annotations
 
@@ -34,3 +35,16 @@ def use_cache() -> None:
     sys.dont_write_bytecode = False
     if not sys.pycache_prefix:
         sys.pycache_prefix = os.environ.get("PYTHONPYCACHEPREFIX") or str(cache())
+
+
+def main(argv: list[str]) -> int:
+    """Replaces this process with `argv`, run with `child_env()`."""
+    if not argv:
+        print("usage: python -m harness.bytecode COMMAND [ARG...]: runs COMMAND with compiled modules kept in "
+              f"{cache()}", file=sys.stderr)
+        return 2
+    os.execvpe(argv[0], argv, child_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -90,3 +90,15 @@ def test_the_command_line_itself_compiles_into_the_cache(tmp_path: Path) -> None
 def run_root() -> Path:
     """The project folder, where the harness package is."""
     return Path(bytecode.__file__).resolve().parents[1]
+
+
+def test_the_module_runs_a_command_with_the_cache_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "QUANTLAB_CHAOS_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    code = "import os; print(os.environ.get('PYTHONDONTWRITEBYTECODE'), os.environ['PYTHONPYCACHEPREFIX'])"
+    done = subprocess.run([sys.executable, "-m", "harness.bytecode", sys.executable, "-c", code], cwd=run_root(), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["None", str(tmp_path / "cache" / "pycache")], done.stderr
+    bare = subprocess.run([sys.executable, "-m", "harness.bytecode"], cwd=run_root(), capture_output=True, text=True,
+                          timeout=60)
+    assert bare.returncode == 2 and "usage: python -m harness.bytecode COMMAND" in bare.stderr
