@@ -1,15 +1,19 @@
 // Shared library: env parsing, dotenv loading, redaction and canonical JSON.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { SECRET_ENV_NAMES, envBool, envInt, envStr, loadDotEnv } from '../core/lib/env.js';
 import { logEvent, redact } from '../core/lib/log.js';
 import net from 'node:net';
 import { ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { archiveSettings, canonicalJson, createS3Client, s3TimeoutMs } from '../core/lib/s3.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
 test('envBool: 1, true and yes (any case, trimmed) are on; anything else is off', () => {
   for (const value of ['1', 'true', 'TRUE', ' yes ', 'Yes']) assert.equal(envBool('X', false, { X: value }), true, value);
@@ -107,4 +111,20 @@ test('createS3Client: a call to an S3 that accepts and never answers fails withi
     for (const socket of sockets) socket.destroy();
     server.close();
   }
+});
+
+test('the S3 SDK is loaded on the first S3 call, not by importing the modules that may call it', () => {
+  // A fresh process: this file's own import of the SDK would hide a module that loads it on import.
+  const script = `
+    import { createRequire } from 'node:module';
+    import { AuditWriter } from './core/audit/AuditWriter.js';
+    import { RunArchiveWriter } from './core/archive/RunArchiveWriter.js';
+    import { createObserver } from './core/observer/server.js';
+    import { s3Sdk } from './core/lib/s3.js';
+    const loaded = () => Object.keys(createRequire(import.meta.url).cache).some((file) => file.includes('client-s3'));
+    const before = loaded();
+    const sdk = s3Sdk();
+    console.log(JSON.stringify({ before, after: loaded(), same: sdk === s3Sdk(), client: typeof sdk.S3Client }));`;
+  const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { cwd: ROOT, encoding: 'utf8', timeout: 30000 });
+  assert.deepEqual(JSON.parse(out), { before: false, after: true, same: true, client: 'function' });
 });

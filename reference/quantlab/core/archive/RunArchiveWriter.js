@@ -2,9 +2,8 @@
 // (CONTRACT section 7). Every object is canonical JSON and passes through redact().
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { HeadObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
 import { redact } from '../lib/log.js';
-import { canonicalJson, isNotFound } from '../lib/s3.js';
+import { canonicalJson, isNotFound, s3Sdk } from '../lib/s3.js';
 
 /**
  * The S3 keys (or relative paths) of one run's archive.
@@ -91,6 +90,7 @@ export class RunArchiveWriter {
   async put(key, body, contentType) {
     // A Buffer gives the SDK a known length, even for an empty decisions file.
     const bytes = Buffer.from(body, 'utf8');
+    const { PutObjectCommand } = s3Sdk();
     await this.s3Client.send(new PutObjectCommand({
       Bucket: this.bucket, Key: key, Body: bytes, ContentLength: bytes.length, ContentType: contentType,
     }));
@@ -117,6 +117,7 @@ export class RunArchiveWriter {
    */
   async head(key) {
     try {
+      const { HeadObjectCommand } = s3Sdk();
       await this.s3Client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));
       return true;
     } catch (err) {

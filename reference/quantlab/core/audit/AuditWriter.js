@@ -3,10 +3,9 @@
 import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { PutObjectCommand } from '@aws-sdk/client-s3';
 import { envBool, envStr } from '../lib/env.js';
 import { redact } from '../lib/log.js';
-import { archiveSettings, createS3Client, s3ErrorMessage } from '../lib/s3.js';
+import { archiveSettings, createS3Client, s3ErrorMessage, s3Sdk } from '../lib/s3.js';
 
 export const DEFAULT_SPOOL_DIR = '/tmp/quantlab-audit';
 
@@ -136,6 +135,7 @@ export class AuditWriter {
    * @returns {Promise<void>}
    */
   upload(key, body) {
+    const { PutObjectCommand } = s3Sdk();
     const task = this.s3Client
       .send(new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: Buffer.from(body, 'utf8'), ContentType: 'application/x-ndjson' }))
       .then(() => undefined)

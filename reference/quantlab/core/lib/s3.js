@@ -1,6 +1,20 @@
 // S3 settings, client and canonical JSON shared by the archive and the audit writers.
-import { S3Client } from '@aws-sdk/client-s3';
+import { createRequire } from 'node:module';
 import { envBool, envInt, envStr } from './env.js';
+
+const require = createRequire(import.meta.url);
+let sdk = null;
+
+/**
+ * The AWS SDK's S3 module, loaded on its first use. A process that never calls S3 (the observer, a run with
+ * archiving off) does not load it, and `require` loads the SDK's CommonJS build without the ESM loader's scan of
+ * each file for its named exports, which cost as much again as the loading (the SDK has no ESM entry for Node).
+ * @returns {typeof import('@aws-sdk/client-s3')}
+ */
+export function s3Sdk() {
+  sdk ??= require('@aws-sdk/client-s3');
+  return sdk;
+}
 
 /** The twin's bound on every S3 call, in ms (QuantLab itself sets none). */
 export const S3_TIMEOUT_ENV = 'RUN_ARCHIVE_S3_TIMEOUT_MS';
@@ -38,7 +52,7 @@ export function archiveSettings(env = process.env) {
  * The runbook's "self-test fails on S3 check" needs this; QuantLab sets no timeout, so its calls can hang.
  * @param {{endpoint?:string, accessKeyId?:string, secretAccessKey?:string}} settings
  * @param {number} [timeoutMs]
- * @returns {S3Client}
+ * @returns {import('@aws-sdk/client-s3').S3Client}
  */
 export function createS3Client(settings, timeoutMs = s3TimeoutMs()) {
   const config = { region: 'auto', forcePathStyle: true };
@@ -49,7 +63,7 @@ export function createS3Client(settings, timeoutMs = s3TimeoutMs()) {
       secretAccessKey: settings.secretAccessKey || '',
     };
   }
-  const client = new S3Client(config);
+  const client = new (s3Sdk().S3Client)(config);
   const send = client.send.bind(client);
   client.send = async (command, options = {}) => {
     if (options.abortSignal) return send(command, options);

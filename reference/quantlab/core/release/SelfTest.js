@@ -6,11 +6,10 @@ import fsp from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { GetObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { AuditWriter, DEFAULT_SPOOL_DIR } from '../audit/AuditWriter.js';
 import { envStr } from '../lib/env.js';
 import { logError, logEvent, redact } from '../lib/log.js';
-import { archiveSettings, createS3Client, isNotFound, s3ErrorMessage } from '../lib/s3.js';
+import { archiveSettings, createS3Client, isNotFound, s3ErrorMessage, s3Sdk } from '../lib/s3.js';
 import { createObserver } from '../observer/server.js';
 import { RunRegistry } from '../state/RunRegistry.js';
 
@@ -38,6 +37,7 @@ function archiveTarget(env) {
 async function s3Reachable(target) {
   if (!target) return { status: 'skipped', reason: 'RUN_ARCHIVE_ENABLED=0' };
   try {
+    const { ListObjectsV2Command } = s3Sdk();
     const out = await target.client.send(new ListObjectsV2Command({ Bucket: target.bucket, Prefix: 'replay_runs/', MaxKeys: 1 }));
     return { bucket: target.bucket, key_count: out.KeyCount ?? (out.Contents || []).length };
   } catch (err) {
@@ -50,6 +50,7 @@ async function indexReadable(target) {
   if (!target) return { status: 'skipped', reason: 'RUN_ARCHIVE_ENABLED=0' };
   let text;
   try {
+    const { GetObjectCommand } = s3Sdk();
     const out = await target.client.send(new GetObjectCommand({ Bucket: target.bucket, Key: INDEX_KEY }));
     text = await out.Body.transformToString('utf8');
   } catch (err) {

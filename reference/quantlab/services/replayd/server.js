@@ -4,9 +4,8 @@
 //      REPLAYD_S3_TIMEOUT_MS (10000), RUN_ARCHIVE_ENABLED and RUN_ARCHIVE_S3_* (the archive to read).
 // Routes: GET /health, GET /replay/runs, GET /replay/runs/<id>.
 import http from 'node:http';
-import { GetObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { envStr } from '../../core/lib/env.js';
-import { createS3Client, isNotFound, s3ErrorMessage } from '../../core/lib/s3.js';
+import { createS3Client, isNotFound, s3ErrorMessage, s3Sdk } from '../../core/lib/s3.js';
 import {
   UNAUTHORIZED, bearerOk, checkedArchiveSettings, exitOnConfigError, exitOnSignal, listen, log, readCount,
   exitOnStartupError, isEntryPoint, readPort, redactAll, sendJson,
@@ -80,6 +79,7 @@ class ArchiveReader {
     const objects = [];
     let token;
     do {
+      const { ListObjectsV2Command } = s3Sdk();
       const page = await this.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: RUNS_PREFIX, ContinuationToken: token }));
       objects.push(...(page.Contents || []));
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
@@ -90,6 +90,7 @@ class ArchiveReader {
   /** A run's JSON object, or null when it is absent. */
   async readJson(id, file) {
     try {
+      const { GetObjectCommand } = s3Sdk();
       const out = await this.send(new GetObjectCommand({ Bucket: this.bucket, Key: `${RUNS_PREFIX}replay_run_id=${id}/${file}` }));
       return JSON.parse(await out.Body.transformToString());
     } catch (err) {
