@@ -34,6 +34,7 @@ from quantlab_chaos.errors import ConfigError, UnreachableError
 from quantlab_chaos.waiting import wait_until
 
 BACKENDS = ("moto", "minio", "url")
+SHUTDOWN_POLL_S = 0.1  # how often moto's server loop looks whether it is asked to stop (socketserver's default: 0.5)
 START_TIMEOUT_S = 60.0  # the container backend's: an engine on vfs storage starts a container in about a second
 _CLIENT_CONFIG = Config(
     connect_timeout=5,
@@ -109,7 +110,8 @@ class MotoS3(S3Server):
 
         self._server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=True,
                                    request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_S},
+                                        name="moto-s3", daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
         self.endpoint_url = f"http://{host}:{port}"
