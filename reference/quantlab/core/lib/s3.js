@@ -6,9 +6,9 @@ const require = createRequire(import.meta.url);
 let sdk = null;
 
 /**
- * The AWS SDK's S3 module, loaded on its first use. A process that never calls S3 (the observer, a run with
- * archiving off) does not load it, and `require` loads the SDK's CommonJS build without the ESM loader's scan of
- * each file for its named exports, which cost as much again as the loading (the SDK has no ESM entry for Node).
+ * The AWS SDK's S3 module, loaded on its first use: a process that makes no S3 client (archiving off) does not
+ * load it, and `require` loads the SDK's CommonJS build without the ESM loader's scan of each file for its named
+ * exports, which doubled the cost of loading it (the SDK has no ESM entry for Node).
  * @returns {typeof import('@aws-sdk/client-s3')}
  */
 export function s3Sdk() {
