@@ -63,7 +63,8 @@ export function createS3Client(settings, timeoutMs = s3TimeoutMs()) {
       secretAccessKey: settings.secretAccessKey || '',
     };
   }
-  const client = new (s3Sdk().S3Client)(config);
+  const { S3Client } = s3Sdk();
+  const client = new S3Client(config);
   const send = client.send.bind(client);
   client.send = async (command, options = {}) => {
     if (options.abortSignal) return send(command, options);
